@@ -1,0 +1,137 @@
+"""Token permutation with per-expert padding, and its reverse, on FP8 codes + 1x128 scales + probs (pure torch spec).
+
+Two data movers cover every permutation of the MoE dataflow, each one pass over the rows:
+  permute_pad_rows      out[i] = x[src_rows[i]], or a zero row where src_rows[i] == -1 (padding); probs alongside.
+                        Used for: tokens -> expert-major order (EP=1: straight into the padded GEMM layout), the
+                        post-all-to-all chunk sort + pad, and the FP8 combine gradient in backward.
+  unpermute_unpad_rows  out[t] = sum_s y[dst_rows[t, s]] (weighted by probs[t, s] if given) over slots s with
+                        dst_rows[t, s] >= 0, accumulated in fp32 in slot order. Drops padding rows by never reading
+                        them. Used for the BF16 combine and for the BF16 dgrad of the dispatched input.
+The index maps are bookkeeping built from the routing map and split sizes (routing_rows, chunk_sort_pad_rows).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .format import Fp8Blockwise, ROWWISE_1X128, ceil_div
+
+
+def _gather_zero_pad(x: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
+    valid = src_rows >= 0
+    out = x.new_zeros((src_rows.numel(),) + tuple(x.shape[1:]))
+    if x.dtype == torch.float8_e4m3fn:  # index ops on fp8 are not implemented everywhere; move the bytes
+        out.view(torch.uint8)[valid] = x.view(torch.uint8).index_select(0, src_rows[valid])
+    else:
+        out[valid] = x.index_select(0, src_rows[valid])
+    return out
+
+
+def permute_pad_rows(
+    x: Union[Fp8Blockwise, torch.Tensor],
+    src_rows: torch.Tensor,
+    probs: Optional[torch.Tensor] = None,
+    prob_src: Optional[torch.Tensor] = None,
+) -> Tuple[Union[Fp8Blockwise, torch.Tensor], Optional[torch.Tensor]]:
+    """Gather rows (FP8 codes and their 1x128 scales together, or a plain tensor) with zero padding rows.
+
+    x:        Fp8Blockwise (1x128) with data [N_in, H], or a tensor [N_in, H] of any dtype.
+    src_rows: int64 [N_out]; source row of each output row, -1 for a padding row (zero codes, scale_inv 1, prob 0).
+    probs:    optional fp32 1-D tensor; probs_out[i] = probs[prob_src[i]] (prob_src defaults to src_rows).
+    prob_src: optional int64 [N_out] index into probs (-1 where src_rows is -1).
+    Returns (x_out [N_out, H] of x's kind, probs_out [N_out] fp32 or None).
+    """
+    src_rows = src_rows.to(torch.int64)
+    if isinstance(x, Fp8Blockwise):
+        if x.block != ROWWISE_1X128:
+            raise ValueError(f"permute_pad_rows needs 1x128 row-wise FP8, got block {x.block}")
+        data = _gather_zero_pad(x.data, src_rows)
+        scale_inv = _gather_zero_pad(x.scale_inv, src_rows)
+        scale_inv[src_rows < 0] = 1.0  # a zero row's scale is 1, as quantize gives for an all-zero block
+        out: Union[Fp8Blockwise, torch.Tensor] = Fp8Blockwise(data, scale_inv, ROWWISE_1X128)
+    else:
+        out = _gather_zero_pad(x, src_rows)
+    probs_out = None
+    if probs is not None:
+        idx = src_rows if prob_src is None else prob_src.to(torch.int64)
+        probs_out = _gather_zero_pad(probs.reshape(-1), idx)
+    return out, probs_out
+
+
+def unpermute_unpad_rows(
+    y: torch.Tensor, dst_rows: torch.Tensor, probs: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """Reduce permuted rows back to tokens, skipping padding rows.
+
+    y:        [N_pad, H] bf16 or fp32 (expert outputs, or dgrad of the permuted input).
+    dst_rows: int64 [T, S]; the rows of y that belong to token t (S = experts or top-k slots), -1 for none.
+    probs:    optional [T, S] weights applied to each row before summing.
+    Returns [T, H] in out_dtype (default y.dtype): fp32 sum over s = 0..S-1 in order, then one rounding.
+    """
+    dst_rows = dst_rows.to(torch.int64)
+    t, s_slots = dst_rows.shape
+    acc = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
+    for s in range(s_slots):
+        idx = dst_rows[:, s]
+        valid = idx >= 0
+        rows = y.index_select(0, idx.clamp(min=0)).to(torch.float32)
+        if probs is not None:
+            rows = rows * probs[:, s].to(torch.float32).unsqueeze(1)
+        acc = acc + torch.where(valid.unsqueeze(1), rows, torch.zeros_like(rows))
+    return acc.to(out_dtype or y.dtype)
+
+
+def pad_counts(tokens_per_expert: Sequence[int], align: int) -> List[int]:
+    """Per-expert row counts rounded up to a multiple of align (an empty expert stays empty)."""
+    return [ceil_div(int(n), align) * align for n in tokens_per_expert]
+
+
+def routing_rows(routing_map: torch.Tensor, align: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+    """Index maps that send tokens to expert-major order, each expert padded to a multiple of align.
+
+    routing_map: bool [T, E]. Within an expert, tokens keep ascending order (megatron's permute order).
+    Returns (src_rows [N_pad] token of each row or -1, prob_src [N_pad] index into probs.reshape(-1) = t*E + e or -1,
+             dst_rows [T, E] row of (t, e) or -1, padded_counts [E]).
+    """
+    t, e = routing_map.shape
+    rm_t = routing_map.t().contiguous()  # [E, T]
+    counts = rm_t.sum(dim=1).tolist()
+    padded = pad_counts(counts, align)
+    n_pad = sum(padded)
+    device = routing_map.device
+    src_rows = torch.full((n_pad,), -1, dtype=torch.int64, device=device)
+    prob_src = torch.full((n_pad,), -1, dtype=torch.int64, device=device)
+    dst_rows = torch.full((t, e), -1, dtype=torch.int64, device=device)
+    start = 0
+    for ex in range(e):
+        toks = torch.nonzero(rm_t[ex], as_tuple=False).flatten()
+        rows = torch.arange(start, start + toks.numel(), device=device)
+        src_rows[rows] = toks
+        prob_src[rows] = toks * e + ex
+        dst_rows[toks, ex] = rows
+        start += padded[ex]
+    return src_rows, prob_src, dst_rows, padded
+
+
+def chunk_sort_pad_rows(split_sizes: torch.Tensor, align: int = 1) -> Tuple[torch.Tensor, List[int]]:
+    """Index map from the post-all-to-all order [source rank][local expert] to [local expert][source rank], each local
+    expert padded to a multiple of align.
+
+    split_sizes: int [R, L], rows received from rank r for local expert l, stored rank-major.
+    Returns (src_rows [N_pad] with -1 for padding rows, padded_counts [L]).
+    """
+    sizes = split_sizes.to(torch.int64).cpu()
+    r, l = sizes.shape
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.flatten().cumsum(0)])[:-1].view(r, l)
+    counts = sizes.sum(dim=0).tolist()
+    padded = pad_counts(counts, align)
+    pieces = []
+    for ex in range(l):
+        for rank in range(r):
+            n = int(sizes[rank, ex])
+            pieces.append(torch.arange(int(offsets[rank, ex]), int(offsets[rank, ex]) + n))
+        pieces.append(torch.full((padded[ex] - counts[ex],), -1, dtype=torch.int64))
+    src_rows = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+    return src_rows, padded
