@@ -1,0 +1,171 @@
+"""Train / valid / test GPT datasets through megatron.core.datasets, from ``--data-path`` or the embedded corpus.
+
+    splits = build_datasets(seq_length=128, num_samples=(600, 64, 16))              # embedded Austen text
+    splits = build_datasets(seq_length=4096, num_samples=sizes, data_path=["/data/web_text_document"],
+                            split="969,30,1", tokenizer=build_tokenizer("NullTokenizer", vocab_size=102399))
+
+Each split is a megatron-core ``GPTDataset`` (one prefix) or ``BlendedDataset`` (weighted prefixes) whose items are
+dicts of ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` (each ``[seq_length]``) and, when
+``create_attention_mask``, ``attention_mask`` (``[1, seq_length, seq_length]`` bool, True = masked out).
+"""
+
+import logging
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy
+
+from .dataset_helpers import ensure_dataset_helpers
+from .embedded import default_cache_dir, embedded_dataset_prefix
+from .tokenizer import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TrainValidTestDatasets(NamedTuple):
+    """One dataset per split; a split whose ``split`` weight is 0 is None."""
+
+    train: Any
+    valid: Any
+    test: Any
+
+
+def train_valid_test_num_samples(
+    *, train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int
+) -> tuple[int, int, int]:
+    """Samples each split must provide, as Megatron-LM computes them for ``pretrain``.
+
+    train: ``train_iters * global_batch_size``; valid: ``(train_iters // eval_interval + 1) * eval_iters *
+    global_batch_size`` (every evaluation plus the final one); test: ``eval_iters * global_batch_size``.
+    """
+    evaluations = train_iters // eval_interval + 1
+    return (
+        train_iters * global_batch_size,
+        evaluations * eval_iters * global_batch_size,
+        eval_iters * global_batch_size,
+    )
+
+
+def build_datasets(
+    *,
+    seq_length: int,
+    num_samples: Sequence[int | None],
+    data_path: Sequence[str] | str | None = None,
+    split: str = "969,30,1",
+    tokenizer=None,
+    seed: int = 1234,
+    data_cache_path: str | None = None,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    create_attention_mask: bool = True,
+    mmap_bin_files: bool = True,
+    is_built_on_rank: Callable[[], bool] | None = None,
+) -> TrainValidTestDatasets:
+    """Build the three splits with ``BlendedMegatronDatasetBuilder`` + ``GPTDatasetConfig``.
+
+    Must be called on every rank when torch.distributed is initialized (the builder builds the index cache on
+    rank 0, then barriers); works without torch.distributed too.
+
+    Args:
+        seq_length: tokens per sample (Megatron's ``--seq-length``).
+        num_samples: ``(train, valid, test)`` sample counts; datasets repeat epochs to reach them. None = one
+            epoch. See :func:`train_valid_test_num_samples`.
+        data_path: Megatron's ``--data-path``: ``[prefix]``, ``[weight1, prefix1, weight2, prefix2, ...]``, or the
+            same as one whitespace-separated string. Prefixes name ``PREFIX.bin`` / ``PREFIX.idx``. None = the
+            embedded corpus (byte-tokenized on first use into ``data_cache_path``).
+        split: Megatron's ``--split``: relative train/valid/test weights, split by document in file order.
+        tokenizer: the tokenizer the data was made with (``eod``, ``vocab_size``, ``unique_identifiers``);
+            None = :class:`ByteTokenizer`. With the embedded corpus the datasets always use ByteTokenizer (its ids
+            are 0..256) and ``tokenizer`` only has to have ``vocab_size >= 257``, so a model with a real vocabulary
+            (e.g. NullTokenizer with 102400 ids) can train on it too.
+        seed: shuffling seed (Megatron's ``--seed``).
+        data_cache_path: where index caches go (Megatron's ``--data-cache-path``). None = beside each ``--data-path``
+            prefix (megatron-core's default), or :func:`default_cache_dir` for the embedded corpus. Multi-node runs
+            need it on a filesystem that every node sees (rank 0 writes the cache that the other ranks read).
+        reset_position_ids, reset_attention_mask, eod_mask_loss, create_attention_mask, mmap_bin_files: the
+            ``GPTDatasetConfig`` fields of the same names (Megatron flags ``--reset-position-ids``, ...;
+            ``create_attention_mask`` is the inverse of ``--no-create-attention-mask-in-dataloader``).
+        is_built_on_rank: megatron-core's hook choosing which ranks build datasets (others get None); None = all.
+
+    Returns:
+        :class:`TrainValidTestDatasets` ``(train, valid, test)``.
+
+    Raises:
+        ValueError: a split with a nonzero ``split`` weight gets no tokens (too few documents for its share),
+            ``num_samples`` is not three entries, or the tokenizer is too small for the embedded corpus.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if len(num_samples) != 3:
+        raise ValueError(f"num_samples must be (train, valid, test), got {num_samples!r}")
+    cache_root = default_cache_dir() if data_cache_path is None else data_cache_path
+    ensure_dataset_helpers(os.path.join(cache_root, "build"))
+
+    if data_path is None or len(data_path) == 0:
+        if tokenizer is not None and tokenizer.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(
+                f"the embedded corpus is byte-tokenized (ids 0..{ByteTokenizer.eod}) but the tokenizer has only "
+                f"vocab_size={tokenizer.vocab_size}; use a vocabulary of at least {ByteTokenizer.vocab_size} ids"
+            )
+        prefix = embedded_dataset_prefix(cache_root)
+        blend = ([prefix], None)
+        tokenizer = ByteTokenizer()
+        path_to_cache = os.path.join(os.path.dirname(prefix), "indices") if data_cache_path is None else data_cache_path
+        logger.info("no data_path: training on the embedded corpus %s (ByteTokenizer)", prefix)
+    else:
+        if isinstance(data_path, str):
+            data_path = data_path.split()
+        blend = get_blend_from_list([str(p) for p in data_path])
+        tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+        path_to_cache = data_cache_path
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        path_to_cache=path_to_cache,
+        mmap_bin_files=mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+    )
+    _check_splits_have_tokens(blend[0], config.split_matrix, split)
+    datasets = BlendedMegatronDatasetBuilder(
+        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
+    ).build()
+    return TrainValidTestDatasets(*datasets)
+
+
+def _check_splits_have_tokens(prefixes, split_matrix, split) -> None:
+    # megatron-core 0.16.1 loops forever (GPTDataset._get_num_epochs) when a split has no tokens and is asked for a
+    # sample count (even 0), e.g. a tiny corpus whose test share of "969,30,1" rounds to zero documents. Fail with
+    # the numbers instead.
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+
+    for prefix in prefixes:
+        # Copy: the array views the index's mmap, which the IndexedDataset unmaps when it is collected.
+        indexed = IndexedDataset(prefix)
+        sequence_lengths = numpy.array(indexed.sequence_lengths)
+        del indexed
+        num_documents = sequence_lengths.shape[0]
+        for s in Split:
+            bookends = split_matrix[s.value]
+            if bookends is None:
+                continue
+            # The same rounding as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
+            beg = int(round(bookends[0] * float(num_documents)))
+            end = int(round(bookends[1] * float(num_documents)))
+            num_tokens = int(numpy.sum(sequence_lengths[beg:end], dtype=numpy.int64))
+            if num_tokens == 0:
+                raise ValueError(
+                    f"split={split!r} gives the {s.name} split of {prefix} documents [{beg}, {end}) of "
+                    f"{num_documents}, which hold no tokens; give {s.name} a larger share, or a weight of 0 to "
+                    "drop it"
+                )
