@@ -1,0 +1,54 @@
+"""Every megatron-core version switch of the plugin lives here (and only here).
+
+0.16.x: ModuleSpec + build_module, MLPSubmodules for experts, TransformerLayer passes no pg_collection to MoELayer
+        subclasses, pretrain(dataset_provider, model_provider, ...).
+>=0.17: builder-style specs (functools.partial), GroupedMLPSubmodules, `name=` / `is_mtp_layer=` keyword arguments.
+>=0.18: pretrain(cfg_container, ...) + parse_and_validate_args.
+Only 0.16.x is exercised by CI; the >=0.17 branches are written against the upstream sources and are refused with a
+clear message where they are not implemented yet.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from packaging.version import Version
+
+TESTED_MCORE = ("0.16.1",)
+SUPPORTED_RANGE = (Version("0.16.1"), Version("0.20"))
+
+
+@lru_cache(maxsize=None)
+def mcore_version() -> Version:
+    import megatron.core
+
+    return Version(megatron.core.__version__)
+
+
+def check_mcore_version() -> Version:
+    v = mcore_version()
+    lo, hi = SUPPORTED_RANGE
+    if not (lo <= v < hi):
+        raise RuntimeError(
+            f"fp8flow_megatron supports megatron-core >={lo},<{hi}; found {v}. "
+            f"Install a supported version, e.g. pip install 'megatron-core=={TESTED_MCORE[-1]}'."
+        )
+    return v
+
+
+def uses_builder_specs() -> bool:
+    """megatron-core >= 0.17 builds MoE submodules from partial() builders instead of ModuleSpec."""
+    return mcore_version() >= Version("0.17")
+
+
+def pretrain_takes_cfg_container() -> bool:
+    """Megatron-LM >= 0.18 changed pretrain() to take a config container first."""
+    return mcore_version() >= Version("0.18")
+
+
+def require_module_spec_api(what: str) -> None:
+    if uses_builder_specs():
+        raise NotImplementedError(
+            f"{what}: megatron-core {mcore_version()} uses builder-style specs, which fp8flow_megatron does not "
+            f"support yet. Use megatron-core 0.16.x (pip install 'megatron-core==0.16.1')."
+        )

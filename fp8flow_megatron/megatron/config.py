@@ -1,0 +1,250 @@
+"""FP8-Flow flags, the validated config object, and YAML loading with the flags' own names.
+
+Flags (Megatron style, usable as Megatron-LM's extra_args_provider):
+  --moe-fp8-flow           FP8-Flow dataflow for the routed experts (needs --fp8-format e4m3 --fp8-recipe blockwise).
+  --moe-expert-recompute   Expert-level recompute: keep only the FP8 fc1 input and recompute fc1 -> SwiGLU in backward
+                           (the `moe_expert` recompute module of upstream PR Megatron-LM#2764, as a flag because
+                           megatron-core 0.16 rejects unknown --recompute-modules entries).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+GEMM_ALIGN = 16  # TE's blockwise GEMM needs every non-empty expert's rows to be a multiple of 8; 16 as megatron pads
+BLOCK = 128
+
+
+class FP8FlowConfigError(ValueError):
+    """A configuration FP8-Flow cannot run; the message names each offending flag and the fix."""
+
+
+@dataclass(frozen=True)
+class FP8FlowConfig:
+    enabled: bool = False  # --moe-fp8-flow
+    expert_recompute: bool = False  # --moe-expert-recompute
+    align: int = GEMM_ALIGN  # rows per expert are padded to a multiple of this inside the dispatcher
+
+    @classmethod
+    def from_source(cls, src: Any) -> "FP8FlowConfig":
+        return cls(
+            enabled=bool(getattr(src, "moe_fp8_flow", False)),
+            expert_recompute=bool(getattr(src, "moe_expert_recompute", False)),
+        )
+
+
+def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
+    return any(option in action.option_strings for action in parser._actions)
+
+
+def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the FP8-Flow flags; chainable as Megatron-LM's extra_args_provider (returns the parser).
+
+    A flag that already exists (e.g. a future upstream TransformerConfig.moe_fp8_flow field turned into a flag) is not
+    added again.
+    """
+    group = parser.add_argument_group(title="FP8-Flow MoE (fp8flow_megatron)")
+    if not _has_option(parser, "--moe-fp8-flow"):
+        group.add_argument(
+            "--moe-fp8-flow",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="Casting-free FP8 dataflow for the routed experts: tokens quantized once (1x128, E4M3, power-of-two "
+            "scales) before the expert all-to-all and kept FP8 through the grouped GEMMs. Needs --fp8-format e4m3 "
+            "--fp8-recipe blockwise --moe-token-dispatcher-type alltoall --moe-grouped-gemm --swiglu.",
+        )
+    if not _has_option(parser, "--moe-expert-recompute"):
+        group.add_argument(
+            "--moe-expert-recompute",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="With --moe-fp8-flow: keep only the FP8 fc1 input of the experts and recompute fc1 -> SwiGLU in "
+            "backward instead of storing BF16 activations (upstream's `moe_expert` recompute module).",
+        )
+    return parser
+
+
+def _get(src: Any, *names: str, default=None):
+    for name in names:
+        if isinstance(src, dict) and name in src:
+            return src[name]
+        if hasattr(src, name):
+            return getattr(src, name)
+    return default
+
+
+def _is_swiglu(src: Any) -> bool:
+    if _get(src, "swiglu") is not None:
+        return bool(_get(src, "swiglu"))
+    import torch.nn.functional as F
+
+    return bool(_get(src, "gated_linear_unit", default=False)) and _get(src, "activation_func") is F.silu
+
+
+def validation_errors(src: Any) -> List[str]:
+    """Every reason the configuration cannot run FP8-Flow, as actionable messages (empty when fine or disabled).
+
+    src: Megatron-LM args (argparse.Namespace), a TransformerConfig, or a dict with the same names.
+    """
+    fp8_flow = FP8FlowConfig.from_source(src)
+    errors: List[str] = []
+    if not fp8_flow.enabled:
+        if fp8_flow.expert_recompute:
+            errors.append("--moe-expert-recompute only applies with --moe-fp8-flow. Fix: add --moe-fp8-flow or drop it.")
+        return errors
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    fmt = _get(src, "fp8", "fp8_format")
+    need(
+        fmt == "e4m3",
+        f"--fp8-format is {fmt!r}; FP8-Flow keeps activations and gradients in E4M3. Fix: --fp8-format e4m3 "
+        f"(YAML fp8_format: e4m3).",
+    )
+    recipe = _get(src, "fp8_recipe")
+    recipe = getattr(recipe, "value", recipe)
+    need(
+        recipe == "blockwise",
+        f"--fp8-recipe is {recipe!r}; FP8-Flow uses 1x128 / 128x128 blockwise scaling with power-of-two scales. "
+        f"Fix: --fp8-recipe blockwise (YAML fp8_recipe: blockwise).",
+    )
+    dispatcher = _get(src, "moe_token_dispatcher_type")
+    need(
+        dispatcher == "alltoall",
+        f"--moe-token-dispatcher-type is {dispatcher!r}; FP8-Flow's dispatcher is all-to-all based (flex/DeepEP is "
+        f"not supported yet). Fix: --moe-token-dispatcher-type alltoall.",
+    )
+    need(_get(src, "num_moe_experts") is not None, "FP8-Flow is for MoE models. Fix: set --num-experts.")
+    hidden = _get(src, "hidden_size")
+    need(
+        hidden is not None and hidden % BLOCK == 0,
+        f"--hidden-size {hidden} is not a multiple of 128; FP8-Flow's 1x128 blocks must tile the hidden dimension. "
+        f"Fix: use a hidden size divisible by 128.",
+    )
+    ffn = _get(src, "moe_ffn_hidden_size")
+    if ffn is None:
+        ffn = _get(src, "ffn_hidden_size")
+    need(
+        ffn is not None and ffn % BLOCK == 0,
+        f"--moe-ffn-hidden-size {ffn} is not a multiple of 128; the fused SwiGLU+quant tiles it in 1x128 blocks. "
+        f"Fix: use a multiple of 128 (DeepSeek-V2-Lite's 1408 = 11*128 works).",
+    )
+    need(_is_swiglu(src), "FP8-Flow experts are SwiGLU (the fused weighted SwiGLU+quant kernel). Fix: add --swiglu.")
+    need(
+        bool(_get(src, "moe_grouped_gemm", default=False)),
+        "FP8-Flow runs the experts as grouped GEMMs. Fix: add --moe-grouped-gemm.",
+    )
+    router_dtype = _get(src, "moe_router_dtype")
+    need(
+        router_dtype == "fp32",
+        f"--moe-router-dtype is {router_dtype!r}; the router and aux loss must run in fp32 next to FP8 experts. "
+        f"Fix: --moe-router-dtype fp32.",
+    )
+    etp = _get(src, "expert_tensor_parallel_size", default=1) or 1
+    need(etp == 1, f"--expert-tensor-parallel-size {etp} is not supported with FP8-Flow. Fix: --expert-tensor-parallel-size 1.")
+    tp = _get(src, "tensor_model_parallel_size", default=1) or 1
+    need(tp == 1, f"--tensor-model-parallel-size {tp} is not supported with FP8-Flow yet. Fix: use TP=1 with EP/DP.")
+    need(
+        _get(src, "moe_expert_capacity_factor") is None and not _get(src, "moe_pad_expert_input_to_capacity", default=False),
+        "Token dropping (--moe-expert-capacity-factor / --moe-pad-expert-input-to-capacity) is not supported with "
+        "FP8-Flow. Fix: remove them (dropless).",
+    )
+    need(
+        not _get(src, "moe_router_padding_for_quantization", default=False),
+        "--moe-router-padding-for-quantization is redundant with FP8-Flow, which pads each expert inside its fused "
+        "permute without sending extra tokens. Fix: remove the flag.",
+    )
+    need(
+        not _get(src, "add_bias_linear", default=False),
+        "FP8-Flow experts have no bias. Fix: add --disable-bias-linear.",
+    )
+    need(not _get(src, "moe_apply_probs_on_input", default=False), "--moe-apply-probs-on-input is not supported with FP8-Flow. Fix: remove it.")
+    need(_get(src, "moe_latent_size") is None, "--moe-latent-size is not supported with FP8-Flow. Fix: remove it.")
+    modules = _get(src, "recompute_modules", default=None) or []
+    need(
+        "moe_act" not in modules,
+        "--recompute-modules moe_act recomputes a BF16 activation FP8-Flow never stores. Fix: use "
+        "--moe-expert-recompute instead.",
+    )
+    return errors
+
+
+def validate_fp8_flow(src: Any) -> FP8FlowConfig:
+    """Raise FP8FlowConfigError listing every problem; return the FP8FlowConfig when the configuration is valid."""
+    errors = validation_errors(src)
+    if errors:
+        raise FP8FlowConfigError("FP8-Flow configuration is invalid:\n  - " + "\n  - ".join(errors))
+    return FP8FlowConfig.from_source(src)
+
+
+def apply_to_transformer_config(config: Any, fp8_flow: FP8FlowConfig) -> Any:
+    """Carry the FP8-Flow settings on megatron's TransformerConfig as plain attributes (they survive deepcopy, and
+    core_transformer_config_from_args may swap the config class, e.g. to MLATransformerConfig)."""
+    config.moe_fp8_flow = fp8_flow.enabled
+    config.moe_expert_recompute = fp8_flow.expert_recompute
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------- YAML
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise FP8FlowConfigError(f"duplicate key {key!r} in YAML config (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """A flat mapping of flag dest names (underscored) to values; duplicate keys are errors."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    if not isinstance(data, dict):
+        raise FP8FlowConfigError(f"{path}: a YAML config must be a mapping of flag names to values")
+    return data
+
+
+def parse_args_with_yaml(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags with an optional --config YAML whose keys are the flags' dest names (``--moe-fp8-flow`` ->
+    ``moe_fp8_flow``). YAML values become defaults, so flags on the command line override them; unknown keys are
+    errors that list the close matches."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        values = load_yaml(known.config)
+        dests = {a.dest: a for a in parser._actions}
+        unknown = sorted(k for k in values if k not in dests or k == "help")
+        if unknown:
+            import difflib
+
+            hints = [
+                f"{k!r}" + (f" (did you mean {difflib.get_close_matches(k, dests, n=1)[0]!r}?)" if difflib.get_close_matches(k, dests, n=1) else "")
+                for k in unknown
+            ]
+            raise FP8FlowConfigError(f"{known.config}: unknown config keys: {', '.join(hints)}")
+        for key, value in values.items():
+            action = dests[key]
+            if action.type is not None and value is not None and not isinstance(value, (list, bool)):
+                value = action.type(value)
+            elif action.type is not None and isinstance(value, list):
+                value = [action.type(v) for v in value]
+            values[key] = value
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)

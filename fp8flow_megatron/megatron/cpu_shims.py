@@ -1,0 +1,113 @@
+"""Minimal shims that let megatron-core 0.16.1 build and run a GPT MoE model on CPU (gloo), for tests and the
+CPU emulation path. Each one replaces a CUDA-only call that has a direct CPU meaning:
+
+1. RNG: megatron's CUDA RNG tracker (model_parallel_cuda_manual_seed) uses the CUDA generator -> the CPU generator.
+2. CUDA streams/events/sync (the alltoall dispatcher's D2H side stream) -> no-op stand-ins.
+3. torch.cuda.current_device() (RoPE, attention buffers) -> "cpu".
+4. moe_utils binds te_general_gemm / fused_* only when TE imports (a megatron-core 0.16.1 bug) -> bind them to None.
+5. Split sizes for all_to_all: on GPU megatron hands numpy arrays to all_to_all_single; on CPU it would hand tensors,
+   which gloo rejects -> convert the same way.
+Installed only when CUDA is unavailable, idempotent, and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+_MARKER = "_fp8flow_cpu_shims"
+
+
+class _FakeEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def wait(self, *args, **kwargs):
+        return None
+
+    def query(self):
+        return True
+
+
+class _FakeStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def record_event(self, event=None):
+        return _FakeEvent()
+
+    def synchronize(self):
+        return None
+
+    def __eq__(self, other):
+        return isinstance(other, _FakeStream)
+
+    def __hash__(self):
+        return 0
+
+
+def install_cpu_shims(force: bool = False) -> bool:
+    """Install the shims if CUDA is unavailable (or force). Returns True if they are (now) installed."""
+    if torch.cuda.is_available() and not force:
+        return False
+    if getattr(torch, _MARKER, False):
+        return True
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # 1. RNG
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all, which stays a no-op without CUDA: seed the CPU
+    # generator directly)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # 2. streams, events, synchronization
+    torch.cuda.Stream = _FakeStream
+    torch.cuda.Event = _FakeEvent
+    torch.cuda.current_stream = lambda *a, **k: _FakeStream()
+    torch.cuda.default_stream = lambda *a, **k: _FakeStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
+    # 3. device
+    torch.cuda.current_device = lambda: "cpu"
+    # 4. TE names moe_utils only binds when TE imports
+    for name in (
+        "te_general_gemm",
+        "fused_compute_score_for_moe_aux_loss",
+        "fused_moe_aux_loss",
+        "fused_permute",
+        "fused_permute_with_probs",
+        "fused_sort_chunks_by_index",
+        "fused_sort_chunks_by_index_with_probs",
+        "fused_topk_with_score_function",
+        "fused_unpermute",
+    ):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+    # 5. split sizes as numpy, as on GPU
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        out = original(tensor, as_numpy=as_numpy, record_stream=False)
+        if as_numpy and torch.is_tensor(out):
+            out = out.numpy()
+        return out
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    setattr(torch, _MARKER, True)
+    log.info("fp8flow: CUDA unavailable; installed megatron-core CPU shims (RNG, streams, device, TE names, splits)")
+    return True

@@ -1,0 +1,120 @@
+"""Spec injection: the GPT decoder block spec with FP8-Flow MoE layers (megatron-core 0.16 ModuleSpec route).
+
+get_fp8flow_decoder_block_spec(config, ...) is the public entry: it is megatron's get_gpt_decoder_block_spec, and when
+config.moe_fp8_flow is set every MoE layer's mlp becomes FP8FlowMoELayer with FP8FlowGroupedMLP experts. With the flag
+off it returns megatron's spec object untouched. install_fp8flow_spec() is the narrow monkeypatch for code that builds
+specs itself (Megatron-LM's gpt_builders): idempotent, lazy, logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional
+
+from .compat import require_module_spec_api
+
+log = logging.getLogger(__name__)
+_PATCH_MARKER = "_fp8flow_patched"
+
+
+def _te_available() -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelGroupedLinear
+
+        return TEColumnParallelGroupedLinear is not None
+    except Exception:
+        return False
+
+
+def fp8flow_moe_spec(moe_spec):
+    """A copy of a MoE ModuleSpec with FP8FlowMoELayer and FP8FlowGroupedMLP (TE grouped linears when TE is present,
+    EmulatedGroupedLinear otherwise; parameter names and checkpoint layout are TEGroupedMLP's either way)."""
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .experts import EmulatedGroupedLinear, EmulatedRowGroupedLinear, FP8FlowGroupedMLP
+    from .moe_layer import FP8FlowMoELayer
+
+    old = moe_spec.submodules
+    old_experts = old.experts
+    if getattr(old_experts, "module", None) is TEGroupedMLP and _te_available():
+        linears = copy.copy(old_experts.submodules)
+    else:
+        linears = MLPSubmodules(linear_fc1=EmulatedGroupedLinear, linear_fc2=EmulatedRowGroupedLinear)
+    submodules = MoESubmodules(
+        experts=ModuleSpec(module=FP8FlowGroupedMLP, submodules=linears),
+        shared_experts=old.shared_experts,
+        router=old.router,
+    )
+    return ModuleSpec(module=FP8FlowMoELayer, params=dict(moe_spec.params), submodules=submodules, metainfo=dict(moe_spec.metainfo))
+
+
+def _is_moe_spec(spec) -> bool:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    module = getattr(spec, "module", None)
+    return isinstance(module, type) and issubclass(module, MoELayer)
+
+
+def rewrite_block_spec(block_spec):
+    """A copy of a TransformerBlockSubmodules whose MoE layers use FP8-Flow (layers are copied, not shared)."""
+    require_module_spec_api("rewrite_block_spec")
+    new_block = copy.copy(block_spec)
+    new_layers = []
+    for layer_spec in block_spec.layer_specs:
+        mlp = getattr(layer_spec.submodules, "mlp", None)
+        if _is_moe_spec(mlp):
+            layer_spec = copy.copy(layer_spec)
+            layer_spec.submodules = copy.copy(layer_spec.submodules)
+            layer_spec.submodules.mlp = fp8flow_moe_spec(mlp)
+        new_layers.append(layer_spec)
+    new_block.layer_specs = new_layers
+    return new_block
+
+
+def get_fp8flow_decoder_block_spec(
+    config,
+    use_transformer_engine: bool,
+    normalization: Optional[str] = None,
+    qk_l2_norm: Optional[bool] = False,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+):
+    """megatron's get_gpt_decoder_block_spec, with FP8-Flow MoE layers when config.moe_fp8_flow is set."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine, normalization=normalization, qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank
+    )
+    if not getattr(config, "moe_fp8_flow", False):
+        return spec
+    return rewrite_block_spec(spec)
+
+
+def install_fp8flow_spec() -> bool:
+    """Make megatron's MoE spec factory return FP8-Flow layers (for code that builds specs itself, e.g. Megatron-LM's
+    gpt_builders). FP8FlowMoELayer / FP8FlowGroupedMLP behave exactly like the stock classes while config.moe_fp8_flow
+    is off, and only TEGroupedMLP expert specs are rewritten. Returns False if it was already installed."""
+    require_module_spec_api("install_fp8flow_spec")
+    from megatron.core.models.gpt import gpt_layer_specs, moe_module_specs
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    original = moe_module_specs.get_moe_module_spec_for_backend
+    if getattr(original, _PATCH_MARKER, False):
+        return False
+
+    def get_moe_module_spec_for_backend(*args, **kwargs):
+        spec = original(*args, **kwargs)
+        if getattr(spec.submodules.experts, "module", None) is TEGroupedMLP:
+            return fp8flow_moe_spec(spec)
+        return spec
+
+    setattr(get_moe_module_spec_for_backend, _PATCH_MARKER, True)
+    get_moe_module_spec_for_backend.__wrapped__ = original
+    moe_module_specs.get_moe_module_spec_for_backend = get_moe_module_spec_for_backend
+    gpt_layer_specs.get_moe_module_spec_for_backend = get_moe_module_spec_for_backend
+    log.info("fp8flow: patched megatron.core.models.gpt.{moe_module_specs,gpt_layer_specs}.get_moe_module_spec_for_backend")
+    return True

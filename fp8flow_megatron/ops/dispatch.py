@@ -1,0 +1,138 @@
+"""Autograd Functions of the FP8 dispatch/combine path: quantize once, move FP8 rows, and quantize the combine
+gradient once.
+
+Forward:  x (bf16) --quantize (cast #1)--> FP8 --permute(+pad)--> FP8 --all-to-all--> FP8 --chunk sort + pad--> experts
+          experts (bf16) --unpad + unsort--> bf16 --all-to-all--> bf16 --unpermute (sum over top-k)--> out (bf16)
+Backward: d out (bf16) --quantize (cast #2)--> FP8 --permute--> FP8 --all-to-all--> FP8 --sort + pad--> experts' dY
+          experts' dX (bf16) --unpad + unsort--> bf16 --all-to-all--> bf16 --unpermute--> bf16 --> dx (straight through)
+Row moves take index maps built by fp8flow_megatron.numerics.permute (routing_rows, chunk_sort_pad_rows).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .backend import backend_for
+from .fp8_tensor import Fp8FlowTensor
+from .telemetry import monitor
+
+
+def _plain(g: torch.Tensor) -> torch.Tensor:
+    return g.dequantize() if isinstance(g, Fp8FlowTensor) else g
+
+
+def _gather(x: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
+    """Row gather with zero padding rows; FP8 stays FP8."""
+    b = backend_for(x.device)
+    if isinstance(x, Fp8FlowTensor):
+        out, _ = b.permute_pad_rows(x.fp8, src_rows)
+        return Fp8FlowTensor(out, x.dtype)
+    out, _ = b.permute_pad_rows(x, src_rows)
+    return out
+
+
+def _quantize(x2d: torch.Tensor, site: str) -> Fp8FlowTensor:
+    q = backend_for(x2d.device).quantize_1x128(x2d)
+    monitor.observe(site, x2d, q)
+    return Fp8FlowTensor(q, x2d.dtype)
+
+
+class _QuantizeTokens(torch.autograd.Function):
+    """Cast #1. Backward is straight-through: the BF16 gradient of the tokens passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, site: str):
+        return _quantize(x, site)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _plain(grad), None
+
+
+def quantize_tokens(x: torch.Tensor, site: str = "dispatch") -> Fp8FlowTensor:
+    """x [T, H] bf16/fp32 -> Fp8FlowTensor [T, H] (1x128 FP8 payload, logical dtype of x)."""
+    return _QuantizeTokens.apply(x, site)
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, src_rows, dst_rows):
+        ctx.save_for_backward(dst_rows)
+        return _gather(x, src_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dst_rows,) = ctx.saved_tensors
+        g = _plain(grad)
+        return backend_for(g.device).unpermute_unpad_rows(g, dst_rows), None, None
+
+
+def permute_rows(x: torch.Tensor, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> torch.Tensor:
+    """out[i] = x[src_rows[i]] (zero row where -1); FP8 in, FP8 out.
+
+    dst_rows [N_in, S] lists, for each input row, the output rows it was copied to (-1 for none); the backward sums
+    those gradient rows (in slot order, fp32) into the input row's gradient.
+    """
+    return _PermuteRows.apply(x, src_rows, dst_rows)
+
+
+class _UnpermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, dst_rows, src_rows, quantize_grad, site):
+        ctx.save_for_backward(src_rows)
+        ctx.quantize_grad, ctx.site = quantize_grad, site
+        return backend_for(y.device).unpermute_unpad_rows(_plain(y), dst_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (src_rows,) = ctx.saved_tensors
+        if ctx.quantize_grad and not isinstance(grad, Fp8FlowTensor):
+            grad = _quantize(grad.contiguous(), ctx.site)  # cast #2: the combine gradient, once, before moving it
+        return _gather(grad, src_rows), None, None, None, None
+
+
+def unpermute_rows(
+    y: torch.Tensor, dst_rows: torch.Tensor, src_rows: torch.Tensor, quantize_grad: bool = False, site: str = "combine_grad"
+) -> torch.Tensor:
+    """out[t] = sum_s y[dst_rows[t, s]] (fp32 accumulation, y's dtype out); padding rows are never read.
+
+    src_rows [N_y] is the inverse map (the output row each y row came from, -1 for padding); the backward gathers the
+    gradient rows by it -- in FP8, quantizing the incoming gradient first when quantize_grad is set.
+    """
+    return _UnpermuteRows.apply(y, dst_rows, src_rows, quantize_grad, site)
+
+
+def _all_to_all_payload(x: torch.Tensor, group, output_splits: Sequence[int], input_splits: Sequence[int]):
+    from megatron.core.tensor_parallel.mappings import all_to_all
+
+    if isinstance(x, Fp8FlowTensor):
+        data = all_to_all(group, x.fp8.data.view(torch.uint8), output_splits, input_splits)
+        scale_inv = all_to_all(group, x.fp8.scale_inv, output_splits, input_splits)
+        return Fp8FlowTensor(type(x.fp8)(data.view(torch.float8_e4m3fn), scale_inv, x.fp8.block), x.dtype)
+    return all_to_all(group, x, output_splits, input_splits)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, output_splits, input_splits):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        return _all_to_all_payload(x, group, output_splits, input_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all_payload(grad, ctx.group, ctx.input_splits, ctx.output_splits), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, output_splits: Optional[Sequence[int]], input_splits: Optional[Sequence[int]]):
+    """Megatron's all_to_all for BF16 tensors and FP8 payloads (codes as bytes + fp32 scales: 1 + 4/128 bytes per
+    element); the backward moves the gradient the same way, FP8 if it is FP8."""
+    return _AllToAll.apply(x, group, output_splits, input_splits)
+
+
+def permute_probs(probs: torch.Tensor, prob_src: torch.Tensor) -> torch.Tensor:
+    """probs_out[i] = probs.reshape(-1)[prob_src[i]], 0 where prob_src is -1 (autograd through plain indexing)."""
+    flat = probs.reshape(-1)
+    picked = flat.index_select(0, prob_src.clamp(min=0))
+    return torch.where(prob_src >= 0, picked, torch.zeros_like(picked))

@@ -1,0 +1,142 @@
+"""The FP8-Flow expert MLP as one autograd Function: fc1 -> weighted SwiGLU + quant -> fc2, with FP8 dgrad/wgrad.
+
+Forward   x_fp8 (1x128) @ W1 (128x128) -> y1 bf16 [N, 2F] -> weighted SwiGLU + 1x128 quant (fused) -> a_fp8 [N, F]
+          a_fp8 @ W2 -> y2 [N, H] (bf16)
+Backward  dY2 arrives FP8 (the combine gradient, quantized once upstream)
+          fc2 dgrad: dY2 @ W2^T -> dA [N, F];   fc2 wgrad: T(dY2) . T(a_fp8) per expert
+          dSwiGLU + quant (fused) -> dY1 fp8 [N, 2F] and d probs
+          fc1 dgrad: dY1 @ W1^T -> dX [N, H];   fc1 wgrad: T(dY1) . T(x_fp8) per expert
+T(.) is the scaling-aware transpose (row-wise FP8 -> column-wise FP8 from the codes), never a BF16 copy. Weights are
+quantized 128x128 once per optimizer step (cached while the parameter is unchanged); W^T is the exact 128x128
+block transpose. Expert-level recompute keeps only x_fp8 (needed for wgrad anyway) and re-runs fc1 -> SwiGLU+quant.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..numerics import Fp8Blockwise
+from ..numerics.gemm import transpose_128x128
+from .backend import backend_for
+from .fp8_tensor import Fp8FlowTensor
+from .telemetry import monitor
+
+
+class WeightQuantCache:
+    """128x128 FP8 copies (and their transposes) of expert weights, requantized only when a weight changes.
+
+    A parameter's version counter moves on every in-place update (optimizer step, checkpoint load), so the cache
+    follows TE's is_first_microbatch semantics without being told: micro-batches within a step reuse the codes.
+    """
+
+    def __init__(self) -> None:
+        self._entries = {}
+
+    def get(self, weight: torch.Tensor) -> Tuple[Fp8Blockwise, Fp8Blockwise]:
+        key = id(weight)
+        stamp = (weight._version, weight.data_ptr(), tuple(weight.shape))
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            w_q = backend_for(weight.device).quantize_128x128(weight.detach())
+        w_t = transpose_128x128(w_q)
+        self._entries[key] = (stamp, w_q, w_t)
+        return w_q, w_t
+
+
+def _pack(q: Fp8Blockwise) -> Tuple[torch.Tensor, torch.Tensor]:
+    return q.data, q.scale_inv
+
+
+def _unpack(data: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Blockwise:
+    return Fp8Blockwise(data, scale_inv)
+
+
+def _fc1_act(b, x_q, probs, w1_q, m_splits, out_dtype):
+    y1 = b.fp8_grouped_gemm_nt(x_q, w1_q, m_splits, out_dtype)
+    a_q = b.weighted_swiglu_quant(y1, probs)
+    return y1, a_q
+
+
+def _wgrad(b, grad_q: Fp8Blockwise, input_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
+    """Per expert: dW = dY^T X from column-wise FP8 forms of both (scaling-aware transpose of the row-wise codes)."""
+    grad_t = b.scaling_aware_transpose(grad_q, m_splits)
+    input_t = b.scaling_aware_transpose(input_q, m_splits)
+    return [b.fp8_gemm_nt(g_t, x_t, torch.float32).to(dtype) for g_t, x_t in zip(grad_t, input_t)]
+
+
+class _Fp8FlowExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, probs, m_splits, recompute, cache, *weights):
+        num_experts = len(m_splits)
+        w1, w2 = weights[:num_experts], weights[num_experts:]
+        b = backend_for(x.device)
+        x_q = x.fp8
+        out_dtype = x.dtype
+        w1_q = [cache.get(w)[0] for w in w1]
+        w2_q = [cache.get(w)[0] for w in w2]
+        y1, a_q = _fc1_act(b, x_q, probs, w1_q, m_splits, out_dtype)
+        y2 = b.fp8_grouped_gemm_nt(a_q, w2_q, m_splits, out_dtype)
+        ctx.m_splits, ctx.recompute, ctx.cache, ctx.out_dtype = list(m_splits), recompute, cache, out_dtype
+        ctx.num_experts = num_experts
+        saved = [*_pack(x_q), probs]
+        if not recompute:
+            saved += [y1, *_pack(a_q)]
+        ctx.save_for_backward(*saved, *weights)
+        return y2
+
+    @staticmethod
+    def backward(ctx, grad_y2):
+        n_e = ctx.num_experts
+        saved = ctx.saved_tensors
+        x_q, probs = _unpack(saved[0], saved[1]), saved[2]
+        rest = saved[3:]
+        b = backend_for(grad_y2.device)
+        m_splits, out_dtype = ctx.m_splits, ctx.out_dtype
+        if ctx.recompute:
+            weights = rest
+        else:
+            y1, a_q, weights = rest[0], _unpack(rest[1], rest[2]), rest[3:]
+        w1, w2 = weights[:n_e], weights[n_e:]
+        w1_q, w1_t = zip(*[ctx.cache.get(w) for w in w1]) if n_e else ((), ())
+        w2_q, w2_t = zip(*[ctx.cache.get(w) for w in w2]) if n_e else ((), ())
+        if ctx.recompute:
+            y1, a_q = _fc1_act(b, x_q, probs, list(w1_q), m_splits, out_dtype)
+
+        if isinstance(grad_y2, Fp8FlowTensor):
+            g2_q = grad_y2.fp8
+        else:  # a BF16 gradient: only when the caller did not route the FP8 combine gradient here
+            g2_q = b.quantize_1x128(grad_y2.contiguous())
+            monitor.observe("expert_out_grad", grad_y2, g2_q)
+
+        grad_a = b.fp8_grouped_gemm_nt(g2_q, list(w2_t), m_splits, out_dtype)
+        dw2 = _wgrad(b, g2_q, a_q, m_splits, w2[0].dtype) if n_e else []
+        g1_q, grad_probs = b.weighted_swiglu_quant_backward(grad_a, y1, probs)
+        grad_x = b.fp8_grouped_gemm_nt(g1_q, list(w1_t), m_splits, out_dtype)
+        dw1 = _wgrad(b, g1_q, x_q, m_splits, w1[0].dtype) if n_e else []
+        return (grad_x, grad_probs.to(probs.dtype), None, None, None, *dw1, *dw2)
+
+
+def fp8_flow_experts(
+    x: Fp8FlowTensor,
+    probs: torch.Tensor,
+    m_splits: Sequence[int],
+    fc1_weights: Sequence[torch.Tensor],
+    fc2_weights: Sequence[torch.Tensor],
+    recompute: bool = False,
+    cache: WeightQuantCache = None,
+) -> torch.Tensor:
+    """Grouped SwiGLU expert MLP on FP8 input.
+
+    x:           Fp8FlowTensor [N, H] (1x128), rows grouped by expert, each group padded to the GEMM alignment.
+    probs:       [N] fp32 routing weights (0 on padding rows); receives a gradient.
+    m_splits:    rows per expert (python ints, summing to N).
+    fc1_weights: per expert [2F, H] (gate rows first); fc2_weights: per expert [H, F].
+    Returns y [N, H] in x's logical dtype.
+    """
+    if not isinstance(x, Fp8FlowTensor):
+        raise TypeError("fp8_flow_experts needs the FP8 payload from the FP8-Flow dispatcher (an Fp8FlowTensor)")
+    return _Fp8FlowExperts.apply(x, probs, list(m_splits), recompute, cache or WeightQuantCache(), *fc1_weights, *fc2_weights)
