@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy
+import torch
 
 from .dataset_helpers import ensure_dataset_helpers
 from .embedded import default_cache_dir, embedded_dataset_prefix
@@ -93,7 +94,9 @@ def build_datasets(
 
     Raises:
         ValueError: a split with a nonzero ``split`` weight gets no tokens (too few documents for its share),
-            ``num_samples`` is not three entries, or the tokenizer is too small for the embedded corpus.
+            ``num_samples`` is not three entries, the tokenizer is too small for the embedded corpus, or a
+            multi-prefix blend with ``data_cache_path`` is built without torch.distributed (a megatron-core 0.16.1
+            limitation).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -121,6 +124,13 @@ def build_datasets(
         blend = get_blend_from_list([str(p) for p in data_path])
         tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
         path_to_cache = data_cache_path
+        if len(blend[0]) > 1 and path_to_cache is not None and not torch.distributed.is_initialized():
+            # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() whenever it writes its cache.
+            raise ValueError(
+                "a blend of several --data-path prefixes with data_cache_path needs torch.distributed initialized "
+                "(megatron-core 0.16.1's BlendedDataset asks for the rank); initialize a process group (gloo works, "
+                "world size 1 too) or leave data_cache_path unset"
+            )
 
     config = GPTDatasetConfig(
         random_seed=seed,

@@ -8,7 +8,7 @@ cache.
 import hashlib
 import os
 
-from .preprocess import preprocess
+from .preprocess import preprocess_files
 from .tokenizer import ByteTokenizer
 
 CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
@@ -49,5 +49,5 @@ def embedded_dataset_prefix(cache_dir: str | None = None) -> str:
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     prefix = os.path.join(cache_dir, f"austen-bytes-{_corpus_key()}", "austen_text_document")
     if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-        preprocess(embedded_corpus_paths(), prefix, tokenizer=ByteTokenizer())
+        preprocess_files(embedded_corpus_paths(), prefix, tokenizer=ByteTokenizer())
     return prefix

@@ -98,7 +98,7 @@ def write_indexed_dataset(documents: Iterable[str], output_prefix: str, *, token
     return IndexedDatasetStats(output_prefix, num_documents, num_tokens)
 
 
-def preprocess(
+def preprocess_files(
     input_paths: Sequence[str] | str, output_prefix: str, *, json_key: str = "text", tokenizer=None
 ) -> IndexedDatasetStats:
     """Files -> one indexed dataset at ``output_prefix``: the documents of every file, in the order given."""
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
     parser.add_argument("--json-key", default="text", help="the document field of .jsonl input (default: text)")
     args = parser.parse_args(argv)
-    stats = preprocess(args.input, args.output_prefix, json_key=args.json_key)
+    stats = preprocess_files(args.input, args.output_prefix, json_key=args.json_key)
     print(
         f"wrote {stats.output_prefix}.bin/.idx: {stats.num_documents} documents, {stats.num_tokens} tokens "
         f"(ByteTokenizer, end-of-document id {ByteTokenizer.eod})"
