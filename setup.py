@@ -17,6 +17,7 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "pyyaml",
         "numpy",
+        "psutil",  # megatron.core.dist_checkpointing's writer needs it
         "pybind11",  # builds megatron-core's C++ dataset helpers if its install lacks them (fp8flow_megatron.data)
     ],
     extras_require={
