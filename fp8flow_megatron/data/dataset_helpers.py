@@ -81,9 +81,14 @@ def compile_helpers(build_dir: str, *, optimize: str = "-O3") -> str:
     return target
 
 
-def load_compiled_helpers(path: str):
-    """Load a library built by :func:`compile_helpers` as a module (not registered in ``sys.modules``)."""
-    spec = importlib.util.spec_from_file_location(_MODULE, path)
+def load_compiled_helpers(path: str, name: str = _MODULE):
+    """Load a library built by :func:`compile_helpers` as module ``name`` (not registered in ``sys.modules``).
+
+    CPython keeps one single-phase extension module per name: while megatron-core's own ``helpers_cpp`` is loaded,
+    loading another under the same name returns that one, so load a second copy under another name (the last
+    component must stay ``helpers_cpp``, the name of its init function).
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
