@@ -1,6 +1,32 @@
 """fp8flow_megatron: casting-free FP8 MoE dataflow (FP8-Flow-MoE) for Megatron-core and TransformerEngine."""
 
+import os
+
 from setuptools import find_packages, setup
+
+
+def cuda_extension_kwargs():
+    """The optional CUDA extension fp8flow_megatron._fp8flow_cuda (csrc/), built only when nvcc and a CUDA build of
+    torch are both present; otherwise nothing is compiled and the kernels build it on first use (see
+    fp8flow_megatron/kernels/_extension.py). pip's build isolation hides the installed torch: build it with
+    `pip install --no-build-isolation -e .`. Target GPUs: TORCH_CUDA_ARCH_LIST (default 9.0, Hopper)."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return {}
+    if torch.version.cuda is None or CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    extension = CUDAExtension(
+        name="fp8flow_megatron._fp8flow_cuda",
+        sources=["csrc/extension.cpp", "csrc/scaling_aware_transpose.cu"],
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+        # No fast-math: the transpose relies on fp32 subnormals and IEEE division (same flags as the JIT build).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"]},
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="fp8flow_megatron",
@@ -25,4 +51,5 @@ setup(
         # apex is optional and not on the package registry; nothing here requires it.
         "gpu": ["transformer-engine[pytorch]>=2.12"],
     },
+    **cuda_extension_kwargs(),
 )

@@ -1,0 +1,27 @@
+"""GPU kernels, one family per module, each the twin of a ``fp8flow_megatron.numerics`` function: same arguments,
+defaults and results, bit-identical wherever the twin is exact. The backend is the name's suffix.
+
+| kernel | twin | backend |
+|---|---|---|
+| scaling_aware_transpose_cuda (+ scale_layout="gemm_ready") | numerics.scaling_aware_transpose | CUDA (csrc/) |
+| quantize_1x128_triton | numerics.quantize_1x128 | Triton |
+| permute_pad_rows_triton, unpermute_unpad_rows_triton | numerics.permute_pad_rows, unpermute_unpad_rows | Triton |
+| weighted_swiglu_quant_triton, weighted_swiglu_quant_backward_triton | numerics.weighted_swiglu_quant(_backward) | Triton |
+
+Importing this package needs neither a GPU nor Triton; calling a kernel without them raises with the reason.
+"""
+
+from .permute import permute_pad_rows_triton, unpermute_unpad_rows_triton
+from .quantize import quantize_1x128_triton
+from .swiglu import weighted_swiglu_quant_backward_triton, weighted_swiglu_quant_triton
+from .transpose import ColumnwiseGemmReady, scaling_aware_transpose_cuda
+
+__all__ = [
+    "ColumnwiseGemmReady",
+    "permute_pad_rows_triton",
+    "quantize_1x128_triton",
+    "scaling_aware_transpose_cuda",
+    "unpermute_unpad_rows_triton",
+    "weighted_swiglu_quant_backward_triton",
+    "weighted_swiglu_quant_triton",
+]
