@@ -21,7 +21,14 @@ _PREPROCESS_VERSION = "paragraphs-v1"
 
 def embedded_corpus_paths() -> list[str]:
     """Absolute paths of the shipped text files, in document order."""
-    return [os.path.join(CORPUS_DIR, name) for name in EMBEDDED_CORPUS_FILES]
+    paths = [os.path.join(CORPUS_DIR, name) for name in EMBEDDED_CORPUS_FILES]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded corpus is missing from this install ({', '.join(missing)}); install from a source "
+            "checkout with pip install -e ., or train on your own data with --data-path"
+        )
+    return paths
 
 
 def default_cache_dir() -> str:

@@ -211,3 +211,11 @@ def test_two_gloo_ranks_build_the_same_datasets(tmp_path):
     assert torch.equal(ranks[0]["train"], ranks[1]["train"]) and torch.equal(ranks[0]["valid"], ranks[1]["valid"])
     assert torch.equal(ranks[0]["train"], torch.stack([single.train[i]["tokens"] for i in range(32)]))
     assert ranks[0]["beta_share"] == ranks[1]["beta_share"] and 0.6 < ranks[0]["beta_share"] < 0.9
+
+
+def test_a_missing_corpus_says_how_to_fix_it(tmp_path, monkeypatch):
+    from fp8flow_megatron.data import embedded
+
+    monkeypatch.setattr(embedded, "CORPUS_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"missing from this install .* pip install -e \."):
+        build_datasets(seq_length=SEQ, num_samples=(8, 2, 2), data_cache_path=str(tmp_path))
