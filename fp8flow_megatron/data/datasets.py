@@ -94,9 +94,9 @@ def build_datasets(
 
     Raises:
         ValueError: a split with a nonzero ``split`` weight gets no tokens (too few documents for its share),
-            ``num_samples`` is not three entries, the tokenizer is too small for the embedded corpus, or a
-            multi-prefix blend with ``data_cache_path`` is built without torch.distributed (a megatron-core 0.16.1
-            limitation).
+            ``num_samples`` is not three entries, the tokenizer is too small for the embedded corpus, or a blend
+            (several prefixes, or weights) with ``data_cache_path`` is built without torch.distributed (a
+            megatron-core 0.16.1 limitation).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -124,10 +124,11 @@ def build_datasets(
         blend = get_blend_from_list([str(p) for p in data_path])
         tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
         path_to_cache = data_cache_path
-        if len(blend[0]) > 1 and path_to_cache is not None and not torch.distributed.is_initialized():
+        is_blended = len(blend[0]) > 1 or blend[1] is not None  # builds a BlendedDataset over the GPTDatasets
+        if is_blended and path_to_cache is not None and not torch.distributed.is_initialized():
             # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() whenever it writes its cache.
             raise ValueError(
-                "a blend of several --data-path prefixes with data_cache_path needs torch.distributed initialized "
+                "a weighted --data-path blend with data_cache_path needs torch.distributed initialized "
                 "(megatron-core 0.16.1's BlendedDataset asks for the rank); initialize a process group (gloo works, "
                 "world size 1 too) or leave data_cache_path unset"
             )

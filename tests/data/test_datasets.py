@@ -133,9 +133,10 @@ def test_build_datasets_from_data_path_blend(tmp_path):
     assert 0.6 < beta_share(blended.train, 400) < 0.9
     assert os.path.isdir(os.path.join(prefix_a, "cache", "GPTDataset_indices"))
 
-    with pytest.raises(ValueError, match="needs torch.distributed initialized"):
-        build_datasets(seq_length=32, num_samples=(400, 20, 20), data_path=["1", prefix_a, "3", prefix_b],
-                       split="90,5,5", data_cache_path=str(tmp_path / "cache"))
+    for data_path in (["1", prefix_a, "3", prefix_b], ["1", prefix_a]):
+        with pytest.raises(ValueError, match="needs torch.distributed initialized"):
+            build_datasets(seq_length=32, num_samples=(400, 20, 20), data_path=data_path, split="90,5,5",
+                           data_cache_path=str(tmp_path / "cache"))
 
 
 def test_zero_weight_split_is_none(tmp_path):
