@@ -43,9 +43,11 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "pyyaml",
         "numpy",
-        "psutil",  # megatron.core.dist_checkpointing's writer needs it
+        "psutil",
+        "matplotlib",  # the trainer's loss_curve.png  # megatron.core.dist_checkpointing's writer needs it
         "pybind11",  # builds megatron-core's C++ dataset helpers if its install lacks them (fp8flow_megatron.data)
     ],
+    entry_points={"console_scripts": ["fp8flow-train = fp8flow_megatron.train:cli"]},
     extras_require={
         "test": ["pytest", "hypothesis"],
         # apex is optional and not on the package registry; nothing here requires it.

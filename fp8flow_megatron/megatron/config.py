@@ -120,7 +120,7 @@ def validation_errors(src: Any) -> List[str]:
         f"--moe-token-dispatcher-type is {dispatcher!r}; FP8-Flow's dispatcher is all-to-all based (flex/DeepEP is "
         f"not supported yet). Fix: --moe-token-dispatcher-type alltoall.",
     )
-    need(_get(src, "num_moe_experts") is not None, "FP8-Flow is for MoE models. Fix: set --num-experts.")
+    need(_get(src, "num_moe_experts", "num_experts") is not None, "FP8-Flow is for MoE models. Fix: set --num-experts.")
     hidden = _get(src, "hidden_size")
     need(
         hidden is not None and hidden % BLOCK == 0,

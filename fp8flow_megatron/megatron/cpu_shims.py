@@ -8,6 +8,9 @@ CPU emulation path. Each one replaces a CUDA-only call that has a direct CPU mea
 5. Split sizes for all_to_all: on GPU megatron hands numpy arrays to all_to_all_single; on CPU it would hand tensors,
    which gloo rejects -> convert the same way.
 Installed only when CUDA is unavailable, idempotent, and logged.
+
+megatron.core.optimizer also creates tensors with device='cuda' (loss scale, grad-norm buffers); `cuda_to_cpu()` is a
+TorchFunctionMode for wrapping those calls (construction, step, state dict) without slowing the model's own ops.
 """
 
 from __future__ import annotations
@@ -56,6 +59,34 @@ class _FakeStream:
 
     def __hash__(self):
         return 0
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrites device='cuda' to 'cpu' in factory calls, makes .cuda() / .to('cuda') no-ops, and reports CPU
+    tensors' legacy type() string as the CUDA one (megatron asserts on it)."""
+
+    @staticmethod
+    def _is_cuda(dev) -> bool:
+        return dev is not None and not isinstance(dev, (bool, torch.dtype)) and str(dev).startswith("cuda")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if self._is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # clip_grads asserts 'torch.cuda.FloatTensor'
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if self._is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def cuda_to_cpu():
+    """Context: device='cuda' means the CPU (for megatron.core.optimizer on a machine without CUDA)."""
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return _CudaToCpu()
 
 
 def install_cpu_shims(force: bool = False) -> bool:

@@ -1,0 +1,414 @@
+"""Train a GPT MoE model on megatron-core with FP8-Flow-MoE.
+
+    python -m fp8flow_megatron.train                                  # configs/tiny_cpu.yaml: ~1-2 min on 2 CPU cores
+    python -m fp8flow_megatron.train --config configs/deepseek_v2_lite_proxy.yaml --data-path my_text_document
+    torchrun --nproc-per-node 8 -m fp8flow_megatron.train --config configs/deepseek_v2_lite.yaml \\
+        --expert-model-parallel-size 8 --data-path ...                # see scripts/pretrain_deepseek_v2_lite.sh
+
+Reads top to bottom: config -> validate -> print -> build (process groups, model, optimizer, data) -> loop. Each log
+line: iteration, loss, lr, tokens/s, peak memory, FP8 health (underflow fraction of the FP8 quantizers, fraction of
+experts that got no token). At the end: loss_curve.png and metrics.jsonl in --output-dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = REPO_CONFIGS / "tiny_cpu.yaml"
+
+
+# ------------------------------------------------------------------------------------------------------ config
+def parse_config(argv: Optional[List[str]] = None):
+    from .megatron.arguments import build_parser
+    from .megatron.config import parse_args_with_yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        if not DEFAULT_CONFIG.exists():
+            raise SystemExit(f"default config {DEFAULT_CONFIG} not found; pass --config FILE.yaml")
+        argv = ["--config", str(DEFAULT_CONFIG)] + argv
+    args = parse_args_with_yaml(build_parser(), argv)
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.use_cuda = torch.cuda.is_available()
+    args.distributed_backend = args.distributed_backend or ("nccl" if args.use_cuda else "gloo")
+    parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    args.data_parallel_size = args.world_size // parallel
+    args.global_batch_size = args.global_batch_size or args.micro_batch_size * args.data_parallel_size
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
+    return args
+
+
+def validate(args) -> None:
+    from .megatron.config import validate_fp8_flow
+
+    validate_fp8_flow(args)
+    problems = []
+    if args.world_size % (args.tensor_model_parallel_size * args.pipeline_model_parallel_size):
+        problems.append(f"WORLD_SIZE {args.world_size} is not a multiple of TP x PP")
+    if args.pipeline_model_parallel_size != 1:
+        problems.append("this trainer runs --pipeline-model-parallel-size 1 (use Megatron-LM for PP: scripts/pretrain_gpt_fp8flow.py route)")
+    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
+        problems.append(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size x DP "
+            f"({args.micro_batch_size} x {args.data_parallel_size})"
+        )
+    if args.num_experts and args.data_parallel_size % args.expert_model_parallel_size:
+        problems.append(f"--expert-model-parallel-size {args.expert_model_parallel_size} must divide DP {args.data_parallel_size}")
+    if args.mtp_num_layers:
+        problems.append("--mtp-num-layers is not supported by fp8flow_megatron.train (drop it, or train through Megatron-LM)")
+    if args.save_interval and not args.save:
+        problems.append("--save-interval needs --save DIR")
+    if problems:
+        raise SystemExit("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def print_config(args) -> None:
+    if args.rank != 0:
+        return
+    print("fp8flow_megatron.train: resolved configuration", flush=True)
+    for key in sorted(vars(args)):
+        print(f"  {key:40s} {getattr(args, key)}")
+    mode = "real FP8 through TE" if args.use_cuda else "emulated exactly on CPU (fp8flow_megatron.numerics)"
+    print(f"  FP8-Flow: {'on' if args.moe_fp8_flow else 'off'}, {mode}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- build
+def init_distributed(args) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from .megatron.cpu_shims import install_cpu_shims
+
+    install_cpu_shims()
+    if args.use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a plain single-process run
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(args.distributed_backend, rank=args.rank, world_size=args.world_size)
+    parallel_state.initialize_model_parallel(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def build_model(args, tokenizer):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+
+    from .megatron.arguments import transformer_config_from_args
+    from .megatron.config import FP8FlowConfig, apply_to_transformer_config
+    from .megatron.spec import get_fp8flow_decoder_block_spec
+
+    use_te = args.transformer_impl != "local" and args.use_cuda and _te_importable()
+    config = transformer_config_from_args(args, use_te)
+    apply_to_transformer_config(config, FP8FlowConfig.from_source(args))
+    spec = get_fp8flow_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization)
+    vocab = _padded_vocab(tokenizer.vocab_size, args.make_vocab_size_divisible_by * args.tensor_model_parallel_size)
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=vocab,
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=False,
+    )
+    if args.use_cuda:
+        model.cuda()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer
+    )
+    return DistributedDataParallel(config, ddp_config, model), config
+
+
+def _padded_vocab(vocab_size: int, multiple: int) -> int:
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def build_optimizer(args, model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from .megatron.cpu_shims import cuda_to_cpu
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    with cuda_to_cpu():
+        optimizer = get_megatron_optimizer(opt_config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def build_data(args):
+    from megatron.core import parallel_state
+
+    from .data import build_datasets, build_tokenizer, train_valid_test_num_samples
+
+    tokenizer = build_tokenizer(args.tokenizer_type, vocab_size=args.vocab_size)
+    num_samples = train_valid_test_num_samples(
+        train_iters=args.train_iters, global_batch_size=args.global_batch_size, eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters,
+    )
+    datasets = build_datasets(
+        seq_length=args.seq_length, num_samples=num_samples, data_path=args.data_path, split=args.split,
+        tokenizer=tokenizer, seed=args.seed, data_cache_path=args.data_cache_path,
+    )
+    args.dp_rank = parallel_state.get_data_parallel_rank()
+    return tokenizer, datasets
+
+
+def get_batch(dataset, args, step: int, micro: int, device):
+    """Deterministic sample indices from (step, micro-batch, DP rank): resuming at step N reads what an uninterrupted
+    run would have read."""
+    start = step * args.global_batch_size + (micro * args.data_parallel_size + args.dp_rank) * args.micro_batch_size
+    samples = [dataset[(start + i) % len(dataset)] for i in range(args.micro_batch_size)]
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    s = args.seq_length
+    batch["attention_mask"] = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), diagonal=1)
+    return batch
+
+
+def forward_loss(model, batch):
+    per_token = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+    return (per_token.float() * mask).sum() / mask.sum().clamp_min(1)
+
+
+# -------------------------------------------------------------------------------------------------- checkpoint
+def save_checkpoint(args, step, model, optimizer, scheduler) -> None:
+    from megatron.core import dist_checkpointing
+
+    from .megatron.cpu_shims import cuda_to_cpu
+
+    path = Path(args.save) / f"iter_{step:07d}"
+    if args.rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    model_sd = model.module.sharded_state_dict()
+    with cuda_to_cpu():
+        state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd), "scheduler": scheduler.state_dict(), "iteration": step}
+        dist_checkpointing.save(state, str(path))
+    if args.rank == 0:
+        (Path(args.save) / "latest_checkpointed_iteration.txt").write_text(str(step))
+    dist.barrier()
+
+
+def load_checkpoint(args, model, optimizer, scheduler) -> int:
+    from megatron.core import dist_checkpointing
+
+    from .megatron.cpu_shims import cuda_to_cpu
+
+    tracker = Path(args.load) / "latest_checkpointed_iteration.txt"
+    if not tracker.exists():
+        raise SystemExit(f"--load {args.load}: no latest_checkpointed_iteration.txt there")
+    step = int(tracker.read_text())
+    model_sd = model.module.sharded_state_dict()
+    with cuda_to_cpu():
+        template = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+        state = dist_checkpointing.load(template, str(Path(args.load) / f"iter_{step:07d}"))
+        model.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return step
+
+
+# --------------------------------------------------------------------------------------------------------- loop
+def peak_memory_gb(args) -> float:
+    if args.use_cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def train_step(args, model, optimizer, scheduler, dataset, step, device):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from .megatron.cpu_shims import cuda_to_cpu
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / args.num_microbatches)
+    total = torch.zeros(1, device=device)
+    for micro in range(args.num_microbatches):
+        loss = forward_loss(model, get_batch(dataset, args, step, micro, device))
+        (loss / args.num_microbatches).backward()
+        total += loss.detach()
+    model.finish_grad_sync()
+    with cuda_to_cpu():
+        _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    dist.all_reduce(total)
+    return float(total) / (args.num_microbatches * args.world_size), grad_norm
+
+
+@torch.no_grad()
+def evaluate(args, model, dataset, device, step) -> float:
+    model.eval()
+    losses = [forward_loss(model, get_batch(dataset, args, step * args.eval_iters + i, 0, device)) for i in range(args.eval_iters)]
+    model.train()
+    total = torch.stack(losses).mean().reshape(1)
+    dist.all_reduce(total)
+    return float(total) / args.world_size
+
+
+def write_loss_curve(args, history) -> Optional[Path]:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping loss_curve.png (metrics.jsonl has the numbers)")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["iteration"] for r in history], [r["loss"] for r in history], label="train loss")
+    evals = [r for r in history if "val_loss" in r]
+    if evals:
+        ax.plot([r["iteration"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"{Path(args.config).stem}: FP8-Flow {'on' if args.moe_fp8_flow else 'off'}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=120)
+    plt.close(fig)
+    return out / "loss_curve.png"
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    args = parse_config(argv)
+    validate(args)
+    print_config(args)
+
+    init_distributed(args)
+    device = torch.device("cuda") if args.use_cuda else torch.device("cpu")
+    tokenizer, datasets = build_data(args)
+    model, _ = build_model(args, tokenizer)
+    optimizer, scheduler = build_optimizer(args, model)
+    step = load_checkpoint(args, model, optimizer, scheduler) if args.load else 0
+    writer = _tensorboard(args)
+
+    from .ops.telemetry import monitor
+
+    history: List[dict] = []
+    tokens_per_step = args.global_batch_size * args.seq_length
+    interval_start, interval_steps = time.time(), 0
+    while step < args.train_iters:
+        logging_now = (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters
+        monitor.enabled = logging_now
+        loss, grad_norm = train_step(args, model, optimizer, scheduler, datasets.train, step, device)
+        monitor.enabled = False
+        step += 1
+        interval_steps += 1
+        row = {"iteration": step, "loss": loss}
+        if logging_now:
+            elapsed = time.time() - interval_start
+            health = monitor.summary()
+            monitor.reset()
+            row.update(
+                lr=scheduler.optimizer.param_groups[0]["lr"], tokens_per_s=tokens_per_step * interval_steps / elapsed,
+                peak_mem_gb=peak_memory_gb(args), grad_norm=grad_norm, fp8_underflow=health["underflow_frac"],
+                dead_experts=health["dead_expert_frac"],
+            )
+            if args.rank == 0:
+                print(
+                    f"iter {step:6d}/{args.train_iters} | loss {loss:.4f} | lr {row['lr']:.3e} | "
+                    f"tokens/s {row['tokens_per_s']:9.1f} | peak mem {row['peak_mem_gb']:.2f} GB | "
+                    f"fp8 underflow {row['fp8_underflow']:.2e} | dead experts {row['dead_experts']:.2f}",
+                    flush=True,
+                )
+            if writer:
+                for k, v in row.items():
+                    if k != "iteration" and v is not None:
+                        writer.add_scalar(k, v, step)
+            interval_start, interval_steps = time.time(), 0
+        if datasets.valid is not None and (step % args.eval_interval == 0 or step == args.train_iters):
+            row["val_loss"] = evaluate(args, model, datasets.valid, device, step // args.eval_interval)
+            if args.rank == 0:
+                print(f"iter {step:6d} | validation loss {row['val_loss']:.4f}", flush=True)
+        history.append(row)
+        if args.save and args.save_interval and step % args.save_interval == 0:
+            save_checkpoint(args, step, model, optimizer, scheduler)
+    if args.save and (not args.save_interval or step % args.save_interval):
+        save_checkpoint(args, step, model, optimizer, scheduler)
+    if args.rank == 0:
+        png = write_loss_curve(args, history)
+        if history:
+            print(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" + (f"; loss curve: {png}" if png else ""))
+    return history
+
+
+def _tensorboard(args):
+    if not args.tensorboard_dir or args.rank != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise SystemExit(f"--tensorboard-dir needs the tensorboard package (pip install tensorboard): {exc}")
+    return SummaryWriter(args.tensorboard_dir)
+
+
+def cli() -> None:  # console script: fp8flow-train
+    from .megatron.config import FP8FlowConfigError
+
+    try:
+        main()
+    except FP8FlowConfigError as exc:
+        raise SystemExit(f"error: {exc}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()
