@@ -29,7 +29,13 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .datasets import TrainValidTestDatasets, build_datasets, train_valid_test_num_samples
     from .embedded import default_cache_dir, embedded_corpus_paths, embedded_dataset_prefix
-    from .preprocess import IndexedDatasetStats, preprocess_files, read_documents, split_paragraphs, write_indexed_dataset
+    from .preprocess import (
+        IndexedDatasetStats,
+        preprocess_files,
+        read_documents,
+        split_paragraphs,
+        write_indexed_dataset,
+    )
     from .tokenizer import TOKENIZER_TYPES, ByteTokenizer, build_tokenizer
 
 

@@ -4,7 +4,13 @@ import os
 import numpy
 import pytest
 
-from fp8flow_megatron.data import ByteTokenizer, preprocess_files, read_documents, split_paragraphs, write_indexed_dataset
+from fp8flow_megatron.data import (
+    ByteTokenizer,
+    preprocess_files,
+    read_documents,
+    split_paragraphs,
+    write_indexed_dataset,
+)
 from fp8flow_megatron.data.preprocess import main
 
 TEXT = (

@@ -6,7 +6,8 @@ from fp8flow_megatron.data import ByteTokenizer, build_tokenizer
 
 @pytest.mark.parametrize(
     "text",
-    ["", "a", "It is a truth universally acknowledged.\n\n", "naïve café", "日本語のテキスト", "emoji 🙂 and \x00 nul", "\r\n\t"],
+    ["", "a", "It is a truth universally acknowledged.\n\n", "naïve café", "日本語のテキスト", "emoji 🙂 and \x00 nul",
+     "\r\n\t"],
 )
 def test_byte_tokenizer_round_trips(text):
     tok = ByteTokenizer()
