@@ -44,9 +44,9 @@ def parse_config(argv: Optional[List[str]] = None):
     args.use_cuda = torch.cuda.is_available()
     args.distributed_backend = args.distributed_backend or ("nccl" if args.use_cuda else "gloo")
     parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-    args.data_parallel_size = args.world_size // parallel
-    args.global_batch_size = args.global_batch_size or args.micro_batch_size * args.data_parallel_size
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    args.data_parallel_size = args.world_size // parallel  # 0 when the world is too small: validate() says so
+    args.global_batch_size = args.global_batch_size or args.micro_batch_size * max(args.data_parallel_size, 1)
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * max(args.data_parallel_size, 1))
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     args.output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
     return args
@@ -57,8 +57,9 @@ def validate(args) -> None:
 
     validate_fp8_flow(args)
     problems = []
-    if args.world_size % (args.tensor_model_parallel_size * args.pipeline_model_parallel_size):
-        problems.append(f"WORLD_SIZE {args.world_size} is not a multiple of TP x PP")
+    parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if args.world_size % parallel or args.world_size < parallel:
+        problems.append(f"WORLD_SIZE {args.world_size} is not a multiple of TP x PP = {parallel} (launch with torchrun)")
     if args.pipeline_model_parallel_size != 1:
         problems.append("this trainer runs --pipeline-model-parallel-size 1 (use Megatron-LM for PP: scripts/pretrain_gpt_fp8flow.py route)")
     if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
@@ -70,6 +71,8 @@ def validate(args) -> None:
         problems.append(f"--expert-model-parallel-size {args.expert_model_parallel_size} must divide DP {args.data_parallel_size}")
     if args.mtp_num_layers:
         problems.append("--mtp-num-layers is not supported by fp8flow_megatron.train (drop it, or train through Megatron-LM)")
+    if args.lr_warmup_iters >= args.train_iters:
+        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
     if args.save_interval and not args.save:
         problems.append("--save-interval needs --save DIR")
     if problems:
