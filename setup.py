@@ -37,6 +37,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fp8flow_megatron", "fp8flow_megatron.*"]),
     include_package_data=True,
+    package_data={"fp8flow_megatron.data": ["corpus/*"]},  # the embedded training text ships with the package
     install_requires=[
         # A bare torch range pulls the newest CUDA build; install the torch you want first (the README pins it).
         "torch>=2.6",

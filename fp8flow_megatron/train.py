@@ -201,6 +201,7 @@ def build_data(args):
     datasets = build_datasets(
         seq_length=args.seq_length, num_samples=num_samples, data_path=args.data_path, split=args.split,
         tokenizer=tokenizer, seed=args.seed, data_cache_path=args.data_cache_path,
+        create_attention_mask=False,  # get_batch builds one causal mask per batch, not one [s, s] mask per sample
     )
     args.dp_rank = parallel_state.get_data_parallel_rank()
     return tokenizer, datasets
