@@ -30,20 +30,27 @@ _REFERENCE = SimpleNamespace(
 )
 
 
+# twin name -> kernel name (fp8flow_megatron.kernels names carry their backend as a suffix)
+_KERNEL_NAMES = {
+    "quantize_1x128": "quantize_1x128_triton",
+    "scaling_aware_transpose": "scaling_aware_transpose_cuda",
+    "permute_pad_rows": "permute_pad_rows_triton",
+    "unpermute_unpad_rows": "unpermute_unpad_rows_triton",
+    "weighted_swiglu_quant": "weighted_swiglu_quant_triton",
+    "weighted_swiglu_quant_backward": "weighted_swiglu_quant_backward_triton",
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_backend():
-    """Kernels for CUDA tensors: every op the kernels package provides replaces its reference twin."""
-    try:
-        from .. import kernels
-    except Exception as exc:  # pragma: no cover - depends on the GPU stack
-        log.warning("fp8flow: GPU kernels unavailable (%s); CUDA tensors use the pure-torch reference", exc)
-        return _REFERENCE
+    """Kernels for CUDA tensors: each kernel replaces its reference twin (same signature). The GEMMs stay the
+    dequantize -> matmul reference until the TE grouped-GEMM recipe is wired in."""
+    from .. import kernels
+
     ops = dict(vars(_REFERENCE))
-    provided = getattr(kernels, "KERNELS", {})
-    ops.update(provided)
-    ops["name"] = "cuda" if provided else "reference"
-    if not provided:
-        log.warning("fp8flow: no GPU kernels registered; CUDA tensors use the pure-torch reference")
+    for twin, kernel in _KERNEL_NAMES.items():
+        ops[twin] = getattr(kernels, kernel)
+    ops["name"] = "cuda"
     return SimpleNamespace(**ops)
 
 

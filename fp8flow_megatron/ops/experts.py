@@ -18,14 +18,15 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ..numerics import Fp8Blockwise
-from ..numerics.gemm import transpose_128x128
 from .backend import backend_for
 from .fp8_tensor import Fp8FlowTensor
+from .gemm_engine import gemm_engine_for
 from .telemetry import monitor
 
 
 class WeightQuantCache:
-    """128x128 FP8 copies (and their transposes) of expert weights, requantized only when a weight changes.
+    """128x128 FP8 copies of expert weights (in the GEMM engine's form: both usages), requantized only when a weight
+    changes.
 
     A parameter's version counter moves on every in-place update (optimizer step, checkpoint load), so the cache
     follows TE's is_first_microbatch semantics without being told: micro-batches within a step reuse the codes.
@@ -34,17 +35,16 @@ class WeightQuantCache:
     def __init__(self) -> None:
         self._entries = {}
 
-    def get(self, weight: torch.Tensor) -> Tuple[Fp8Blockwise, Fp8Blockwise]:
-        key = id(weight)
+    def get(self, weight: torch.Tensor, engine):
+        key = (id(weight), engine.name)
         stamp = (weight._version, weight.data_ptr(), tuple(weight.shape))
         hit = self._entries.get(key)
         if hit is not None and hit[0] == stamp:
-            return hit[1], hit[2]
+            return hit[1]
         with torch.no_grad():
-            w_q = backend_for(weight.device).quantize_128x128(weight.detach())
-        w_t = transpose_128x128(w_q)
-        self._entries[key] = (stamp, w_q, w_t)
-        return w_q, w_t
+            w_q = engine.quantize_weight(weight)
+        self._entries[key] = (stamp, w_q)
+        return w_q
 
 
 def _pack(q: Fp8Blockwise) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -55,17 +55,10 @@ def _unpack(data: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Blockwise:
     return Fp8Blockwise(data, scale_inv)
 
 
-def _fc1_act(b, x_q, probs, w1_q, m_splits, out_dtype):
-    y1 = b.fp8_grouped_gemm_nt(x_q, w1_q, m_splits, out_dtype)
+def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype):
+    y1 = engine.fprop(x_q, w1, m_splits, out_dtype)
     a_q = b.weighted_swiglu_quant(y1, probs)
     return y1, a_q
-
-
-def _wgrad(b, grad_q: Fp8Blockwise, input_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
-    """Per expert: dW = dY^T X from column-wise FP8 forms of both (scaling-aware transpose of the row-wise codes)."""
-    grad_t = b.scaling_aware_transpose(grad_q, m_splits)
-    input_t = b.scaling_aware_transpose(input_q, m_splits)
-    return [b.fp8_gemm_nt(g_t, x_t, torch.float32).to(dtype) for g_t, x_t in zip(grad_t, input_t)]
 
 
 class _Fp8FlowExperts(torch.autograd.Function):
@@ -73,13 +66,13 @@ class _Fp8FlowExperts(torch.autograd.Function):
     def forward(ctx, x, probs, m_splits, recompute, cache, *weights):
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
-        b = backend_for(x.device)
+        b, engine = backend_for(x.device), gemm_engine_for(x.device)
         x_q = x.fp8
         out_dtype = x.dtype
-        w1_q = [cache.get(w)[0] for w in w1]
-        w2_q = [cache.get(w)[0] for w in w2]
-        y1, a_q = _fc1_act(b, x_q, probs, w1_q, m_splits, out_dtype)
-        y2 = b.fp8_grouped_gemm_nt(a_q, w2_q, m_splits, out_dtype)
+        w1_q = [cache.get(w, engine) for w in w1]
+        w2_q = [cache.get(w, engine) for w in w2]
+        y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
+        y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
         ctx.m_splits, ctx.recompute, ctx.cache, ctx.out_dtype = list(m_splits), recompute, cache, out_dtype
         ctx.num_experts = num_experts
         saved = [*_pack(x_q), probs]
@@ -94,17 +87,17 @@ class _Fp8FlowExperts(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_q, probs = _unpack(saved[0], saved[1]), saved[2]
         rest = saved[3:]
-        b = backend_for(grad_y2.device)
+        b, engine = backend_for(grad_y2.device), gemm_engine_for(grad_y2.device)
         m_splits, out_dtype = ctx.m_splits, ctx.out_dtype
         if ctx.recompute:
             weights = rest
         else:
             y1, a_q, weights = rest[0], _unpack(rest[1], rest[2]), rest[3:]
         w1, w2 = weights[:n_e], weights[n_e:]
-        w1_q, w1_t = zip(*[ctx.cache.get(w) for w in w1]) if n_e else ((), ())
-        w2_q, w2_t = zip(*[ctx.cache.get(w) for w in w2]) if n_e else ((), ())
+        w1_q = [ctx.cache.get(w, engine) for w in w1]
+        w2_q = [ctx.cache.get(w, engine) for w in w2]
         if ctx.recompute:
-            y1, a_q = _fc1_act(b, x_q, probs, list(w1_q), m_splits, out_dtype)
+            y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
 
         if isinstance(grad_y2, Fp8FlowTensor):
             g2_q = grad_y2.fp8
@@ -112,11 +105,11 @@ class _Fp8FlowExperts(torch.autograd.Function):
             g2_q = b.quantize_1x128(grad_y2.contiguous())
             monitor.observe("expert_out_grad", grad_y2, g2_q)
 
-        grad_a = b.fp8_grouped_gemm_nt(g2_q, list(w2_t), m_splits, out_dtype)
-        dw2 = _wgrad(b, g2_q, a_q, m_splits, w2[0].dtype) if n_e else []
+        grad_a = engine.dgrad(g2_q, w2_q, m_splits, out_dtype)
+        dw2 = engine.wgrad(g2_q, a_q, m_splits, w2[0].dtype) if n_e else []
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(grad_a, y1, probs)
-        grad_x = b.fp8_grouped_gemm_nt(g1_q, list(w1_t), m_splits, out_dtype)
-        dw1 = _wgrad(b, g1_q, x_q, m_splits, w1[0].dtype) if n_e else []
+        grad_x = engine.dgrad(g1_q, w1_q, m_splits, out_dtype)
+        dw1 = engine.wgrad(g1_q, x_q, m_splits, w1[0].dtype) if n_e else []
         return (grad_x, grad_probs.to(probs.dtype), None, None, None, *dw1, *dw2)
 
 

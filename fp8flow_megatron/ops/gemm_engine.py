@@ -1,0 +1,172 @@
+"""GEMM engines for the expert MLP: who multiplies the FP8 operands, and in what form the weights are kept.
+
+ReferenceGemm (CPU, and CUDA without TE): dequantize -> fp32 matmul, exactly the numerics spec.
+TEGroupedGemm (CUDA with TransformerEngine >= 2.12, tested 2.20.2): TE's general_grouped_gemm on blockwise FP8
+operands that were quantized outside TE and are wrapped as Float8BlockwiseQTensorStorage -- released TE, no patch:
+    fprop  "TN": y  = x @ W^T     x row-wise 1x128 (scales GEMM-ready [K/128, m]), W 128x128 row-wise
+    dgrad  "NN": dx = dy @ W      dy row-wise 1x128, W column-wise 128x128 (TE's quantizer makes both usages)
+    wgrad  "NT": dW = dy^T x      both column-wise, made by the CUDA scaling-aware transpose in TE's scale layout
+Every non-empty expert's row count must be a multiple of 8 for TE's blockwise GEMM (the dispatcher pads to 16).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Sequence
+
+import torch
+
+from ..numerics import Fp8Blockwise
+from ..numerics.gemm import fp8_gemm_nt, fp8_grouped_gemm_nt, transpose_128x128
+from .backend import backend_for
+
+TE_TESTED = "2.20.2"
+TE_MIN, TE_MAX_EXCLUSIVE = "2.12", "2.21"
+
+
+class ReferenceGemm:
+    name = "reference"
+
+    def quantize_weight(self, w: torch.Tensor):
+        w_q = backend_for(w.device).quantize_128x128(w.detach())
+        return w_q, transpose_128x128(w_q)
+
+    def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        return fp8_grouped_gemm_nt(x_q, [w for w, _ in weights], m_splits, out_dtype)
+
+    def dgrad(self, g_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        return fp8_grouped_gemm_nt(g_q, [w_t for _, w_t in weights], m_splits, out_dtype)
+
+    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
+        b = backend_for(g_q.device)
+        g_t = b.scaling_aware_transpose(g_q, m_splits)
+        x_t = b.scaling_aware_transpose(x_q, m_splits)
+        return [fp8_gemm_nt(gt, xt, torch.float32).to(dtype) for gt, xt in zip(g_t, x_t)]
+
+
+@functools.lru_cache(maxsize=None)
+def _te():
+    """TE's pieces, imported once; refuses TE versions outside the supported range with the fix."""
+    import transformer_engine
+    import transformer_engine_torch as tex
+    from packaging.version import Version
+    from transformer_engine.pytorch.cpp_extensions import general_grouped_gemm
+    from transformer_engine.pytorch.tensor.float8_blockwise_tensor import Float8BlockQuantizer
+    from transformer_engine.pytorch.tensor.storage.float8_blockwise_tensor_storage import Float8BlockwiseQTensorStorage
+
+    v = Version(transformer_engine.__version__.split("+")[0])
+    if not (Version(TE_MIN) <= v < Version(TE_MAX_EXCLUSIVE)):
+        raise RuntimeError(
+            f"fp8flow_megatron's TE grouped-GEMM recipe supports transformer-engine >={TE_MIN},<{TE_MAX_EXCLUSIVE} "
+            f"(tested {TE_TESTED}); found {transformer_engine.__version__}. Install a supported TE, e.g. "
+            f"pip install 'transformer-engine[pytorch]=={TE_TESTED}'."
+        )
+    return tex, general_grouped_gemm, Float8BlockQuantizer, Float8BlockwiseQTensorStorage
+
+
+def te_available() -> bool:
+    try:
+        _te()
+        return True
+    except ImportError:
+        return False
+
+
+class TEGroupedGemm:
+    name = "te"
+
+    def __init__(self) -> None:
+        tex, self._gemm, Float8BlockQuantizer, self._storage = _te()
+        self._e4m3 = tex.DType.kFloat8E4M3
+        self._q1d = Float8BlockQuantizer(
+            fp8_dtype=self._e4m3, rowwise=True, columnwise=False, amax_epsilon=0.0, force_pow_2_scales=True, block_scaling_dim=1
+        )
+        self._q2d = Float8BlockQuantizer(
+            fp8_dtype=self._e4m3, rowwise=True, columnwise=True, amax_epsilon=0.0, force_pow_2_scales=True, block_scaling_dim=2
+        )
+
+    # -- operands
+    def quantize_weight(self, w: torch.Tensor):
+        return self._q2d(w.detach())
+
+    def _rowwise(self, q: Fp8Blockwise, m_splits: Sequence[int]):
+        """Per-expert row-wise storages: views of the codes; scales transposed to TE's GEMM-ready [K/128, m]
+        (m is a multiple of 16, so TE's pad-to-4 adds nothing)."""
+        data = q.data.view(torch.uint8)
+        scale_t = q.scale_inv.t()
+        out, start = [], 0
+        for m in m_splits:
+            out.append(
+                self._storage(
+                    rowwise_data=data[start : start + m],
+                    rowwise_scale_inv=scale_t[:, start : start + m].contiguous(),
+                    columnwise_data=None,
+                    columnwise_scale_inv=None,
+                    fp8_dtype=self._e4m3,
+                    quantizer=self._q1d,
+                    is_2D_scaled=False,
+                )
+            )
+            start += m
+        return out
+
+    def _columnwise(self, q: Fp8Blockwise, m_splits: Sequence[int]):
+        from ..kernels import scaling_aware_transpose_cuda
+
+        return [
+            self._storage(
+                rowwise_data=None,
+                rowwise_scale_inv=None,
+                columnwise_data=t.data.view(torch.uint8),
+                columnwise_scale_inv=t.scale_inv,
+                fp8_dtype=self._e4m3,
+                quantizer=self._q1d,
+                is_2D_scaled=False,
+            )
+            for t in scaling_aware_transpose_cuda(q, m_splits, scale_layout="gemm_ready")
+        ]
+
+    # -- GEMMs
+    def _grouped(self, a_list, b_list, m_splits, n_out, out_dtype, layout, grad):
+        m_total = sum(m_splits)
+        out = torch.empty(m_total, n_out, dtype=out_dtype, device=b_list[0]._rowwise_data.device if b_list else "cuda")
+        if m_total:
+            self._gemm(
+                a_list, b_list, [out], [None] * len(a_list), out_dtype, layout=layout, m_splits=list(m_splits),
+                grad=grad, use_split_accumulator=True, single_output=True,
+            )
+        return out
+
+    def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        n_out = weights[0].shape[0]
+        return self._grouped(list(weights), self._rowwise(x_q, m_splits), m_splits, n_out, out_dtype, "TN", False)
+
+    def dgrad(self, g_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        n_out = weights[0].shape[1]
+        return self._grouped(list(weights), self._rowwise(g_q, m_splits), m_splits, n_out, out_dtype, "NN", True)
+
+    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
+        n, k = g_q.data.shape[1], x_q.data.shape[1]
+        out = torch.zeros(len(m_splits), n, k, dtype=dtype, device=g_q.data.device)
+        outs = [out[i] for i in range(len(m_splits))]
+        live = [i for i, m in enumerate(m_splits) if m > 0]  # an empty expert's weight gradient is zero
+        if live:
+            g_t = self._columnwise(g_q, m_splits)
+            x_t = self._columnwise(x_q, m_splits)
+            self._gemm(
+                [x_t[i] for i in live], [g_t[i] for i in live], [outs[i] for i in live], [None] * len(live), dtype,
+                layout="NT", m_splits=[m_splits[i] for i in live], grad=True, use_split_accumulator=True,
+            )
+        return outs
+
+
+@functools.lru_cache(maxsize=None)
+def _te_engine():
+    return TEGroupedGemm()
+
+
+def gemm_engine_for(device: torch.device):
+    """TE on CUDA when TE imports (a TE outside the supported range raises with the fix); the reference otherwise."""
+    if torch.device(device).type == "cuda" and te_available():
+        return _te_engine()
+    return ReferenceGemm()
