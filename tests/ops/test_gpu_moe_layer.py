@@ -21,6 +21,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("m_splits", [[16, 0, 48, 32], [0, 0, 64, 0], [128, 256, 16, 0]])
 def test_te_grouped_gemm_matches_reference(te_engine, m_splits):
+    # Same FP8 codes and scales in both engines; the fp32 results differ only by accumulation order / the tensor
+    # cores' FP8 accumulation (measured ~1.3e-4 relative on an H100).
     from fp8flow_megatron.numerics import quantize_1x128
     from fp8flow_megatron.ops.gemm_engine import ReferenceGemm
 
@@ -36,15 +38,15 @@ def test_te_grouped_gemm_matches_reference(te_engine, m_splits):
     for a, (b, _) in zip(w_te, w_ref):
         assert torch.equal(a._rowwise_data.view(torch.uint8), b.data.view(torch.uint8))
     y_te, y_ref = te_engine.fprop(x_q, w_te, m_splits, torch.float32), ref.fprop(x_q, w_ref, m_splits, torch.float32)
-    assert _rel(y_te, y_ref) < 1e-5
+    assert _rel(y_te, y_ref) < 1e-3
     dx_te, dx_ref = te_engine.dgrad(g_q, w_te, m_splits, torch.float32), ref.dgrad(g_q, w_ref, m_splits, torch.float32)
-    assert _rel(dx_te, dx_ref) < 1e-5
+    assert _rel(dx_te, dx_ref) < 1e-3
     dw_te, dw_ref = te_engine.wgrad(g_q, x_q, m_splits, torch.float32), ref.wgrad(g_q, x_q, m_splits, torch.float32)
     for i, (a, b) in enumerate(zip(dw_te, dw_ref)):
         if m_splits[i] == 0:
             assert float(a.abs().sum()) == 0.0
         else:
-            assert _rel(a, b) < 1e-5, i
+            assert _rel(a, b) < 1e-3, i
 
 
 def _layers(flow_cfg_kw=None):
