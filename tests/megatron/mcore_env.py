@@ -77,7 +77,7 @@ def run_layer(layer, x, grad_weight=None):
     """Forward + backward with a fixed, non-uniform output gradient; returns output, input grad, router grad."""
     xi = x.clone().requires_grad_()
     y, _ = layer(xi)
-    g = grad_weight if grad_weight is not None else torch.linspace(-1, 1, y.numel()).view_as(y)
+    g = grad_weight if grad_weight is not None else torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)
     (y * g).sum().backward()
     return y.detach(), xi.grad.detach(), layer.router.weight.grad.detach().clone()
 
