@@ -93,25 +93,27 @@ def routing_rows(routing_map: torch.Tensor, align: int = 1) -> Tuple[torch.Tenso
 
     routing_map: bool [T, E]. Within an expert, tokens keep ascending order (megatron's permute order).
     Returns (src_rows [N_pad] token of each row or -1, prob_src [N_pad] index into probs.reshape(-1) = t*E + e or -1,
-             dst_rows [T, E] row of (t, e) or -1, padded_counts [E]).
+             dst_rows [T, E] row of (t, e) or -1, padded_counts [E] (host ints)).
+    Vectorized: one host read of the per-expert counts (the padded sizes are needed on the host anyway).
     """
     t, e = routing_map.shape
-    rm_t = routing_map.t().contiguous()  # [E, T]
-    counts = rm_t.sum(dim=1).tolist()
+    device = routing_map.device
+    counts_dev = routing_map.sum(dim=0)
+    counts = counts_dev.tolist()
     padded = pad_counts(counts, align)
     n_pad = sum(padded)
-    device = routing_map.device
+    pad_start = torch.tensor([0] + padded[:-1], dtype=torch.int64, device=device).cumsum(0)
+    start = torch.cumsum(counts_dev, 0) - counts_dev
+    pairs = torch.nonzero(routing_map.t(), as_tuple=False)  # [N, 2] (expert, token), expert-major, tokens ascending
+    ex, tok = pairs[:, 0], pairs[:, 1]
+    rank_in_expert = torch.arange(pairs.shape[0], device=device) - start[ex]
+    rows = pad_start[ex] + rank_in_expert
     src_rows = torch.full((n_pad,), -1, dtype=torch.int64, device=device)
     prob_src = torch.full((n_pad,), -1, dtype=torch.int64, device=device)
     dst_rows = torch.full((t, e), -1, dtype=torch.int64, device=device)
-    start = 0
-    for ex in range(e):
-        toks = torch.nonzero(rm_t[ex], as_tuple=False).flatten()
-        rows = torch.arange(start, start + toks.numel(), device=device)
-        src_rows[rows] = toks
-        prob_src[rows] = toks * e + ex
-        dst_rows[toks, ex] = rows
-        start += padded[ex]
+    src_rows[rows] = tok
+    prob_src[rows] = tok * e + ex
+    dst_rows[tok, ex] = rows
     return src_rows, prob_src, dst_rows, padded
 
 
