@@ -89,17 +89,38 @@ class TEGroupedGemm:
     def quantize_weight(self, w: torch.Tensor):
         return self._q2d(w.detach())
 
+    @staticmethod
+    def _gemm_ready_scales(scale_inv: torch.Tensor, m_splits: Sequence[int]) -> List[torch.Tensor]:
+        """Compact row-wise scales [M, nb] -> per expert [nb, m_e] (TE's GEMM-ready layout; m_e is a multiple of 16,
+        so TE's pad-to-4 adds nothing), all experts in one gather over one buffer."""
+        m_total, nb = scale_inv.shape
+        device = scale_inv.device
+        m = torch.tensor(list(m_splits), dtype=torch.int64, device=device)
+        sizes = m * nb
+        total = m_total * nb
+        expert = torch.repeat_interleave(torch.arange(len(m_splits), device=device), sizes, output_size=total)
+        offs = torch.cumsum(sizes, 0) - sizes
+        starts = torch.cumsum(m, 0) - m
+        local = torch.arange(total, device=device) - offs[expert]
+        rows = starts[expert] + local % m[expert].clamp(min=1)
+        cols = local // m[expert].clamp(min=1)
+        flat = scale_inv.reshape(-1)[rows * nb + cols]
+        out, pos = [], 0
+        for e in m_splits:
+            out.append(flat[pos : pos + e * nb].view(nb, e))
+            pos += e * nb
+        return out
+
     def _rowwise(self, q: Fp8Blockwise, m_splits: Sequence[int]):
-        """Per-expert row-wise storages: views of the codes; scales transposed to TE's GEMM-ready [K/128, m]
-        (m is a multiple of 16, so TE's pad-to-4 adds nothing)."""
+        """Per-expert row-wise storages: views of the codes, scales in TE's GEMM-ready layout."""
         data = q.data.view(torch.uint8)
-        scale_t = q.scale_inv.t()
+        scales = self._gemm_ready_scales(q.scale_inv, m_splits)
         out, start = [], 0
-        for m in m_splits:
+        for m, scale in zip(m_splits, scales):
             out.append(
                 self._storage(
                     rowwise_data=data[start : start + m],
-                    rowwise_scale_inv=scale_t[:, start : start + m].contiguous(),
+                    rowwise_scale_inv=scale,
                     columnwise_data=None,
                     columnwise_scale_inv=None,
                     fp8_dtype=self._e4m3,

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from fp8flow_megatron.ops.gemm_engine import ReferenceGemm, TEGroupedGemm
+
+
+@pytest.mark.parametrize("m_splits", [[16, 0, 32], [0, 0], [48], [16] * 5])
+def test_gemm_ready_scales_are_per_expert_transposes(m_splits):
+    nb = 3
+    scales = torch.arange(sum(m_splits) * nb, dtype=torch.float32).view(-1, nb)
+    out = TEGroupedGemm._gemm_ready_scales(scales, m_splits)
+    start = 0
+    for m, o in zip(m_splits, out):
+        assert o.shape == (nb, m) and o.is_contiguous()
+        assert torch.equal(o, scales[start : start + m].t())
+        start += m
+
+
+def test_reference_engine_wgrad_of_empty_expert_is_zero():
+    from fp8flow_megatron.numerics import quantize_1x128
+
+    g = quantize_1x128(torch.randn(16, 128))
+    x = quantize_1x128(torch.randn(16, 256))
+    dw = ReferenceGemm().wgrad(g, x, [0, 16, 0], torch.float32)
+    assert [tuple(t.shape) for t in dw] == [(128, 256)] * 3
+    assert float(dw[0].abs().sum()) == 0 and float(dw[2].abs().sum()) == 0 and float(dw[1].abs().sum()) > 0
