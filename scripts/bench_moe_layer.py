@@ -130,10 +130,21 @@ def run_variant(variant, state, x, g, ref, args):
     # kernels
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=False) as prof:
         fwd_bwd(layer, fp8, xv, gv)
         torch.cuda.synchronize()
-    names = Counter(evt.name for evt in prof.events() if evt.device_type == torch.autograd.DeviceType.CUDA)
+    if args.profile:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
+    cuda_events = [evt for evt in prof.events() if evt.device_type == torch.autograd.DeviceType.CUDA]
+    names = Counter(evt.name for evt in cuda_events)
+    kernel_us = Counter()
+    for evt in cuda_events:
+        kernel_us[evt.name] += evt.device_time
+    if args.profile:
+        total = sum(kernel_us.values()) / 1e3
+        print(f"--- {variant}: {total:.2f} ms of kernel time in one fwd+bwd (wall median {statistics.median(times):.2f} ms)")
+        for n, us in kernel_us.most_common(12):
+            print(f"    {us / 1e3:7.3f} ms  x{names[n]:4d}  {n[:110]}")
     casts = {n: c for n, c in names.items() if CAST_RE.search(n) and not GEMM_RE.search(n)}
     del layer
     torch.cuda.empty_cache()
@@ -152,6 +163,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--variants", default="bf16,te_blockwise,fp8flow,fp8flow_recomp")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels by GPU time per variant")
     ap.add_argument("--write", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
 

@@ -124,7 +124,7 @@ class TEGroupedGemm:
                     columnwise_data=None,
                     columnwise_scale_inv=None,
                     fp8_dtype=self._e4m3,
-                    quantizer=self._q1d,
+                    quantizer=None,  # the GEMM reads codes and scales only; copying a quantizer per expert costs host time
                     is_2D_scaled=False,
                 )
             )
@@ -141,7 +141,7 @@ class TEGroupedGemm:
                 columnwise_data=t.data.view(torch.uint8),
                 columnwise_scale_inv=t.scale_inv,
                 fp8_dtype=self._e4m3,
-                quantizer=self._q1d,
+                quantizer=None,
                 is_2D_scaled=False,
             )
             for t in scaling_aware_transpose_cuda(q, m_splits, scale_layout="gemm_ready")
