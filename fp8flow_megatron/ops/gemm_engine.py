@@ -105,21 +105,17 @@ class TEGroupedGemm:
         rows = starts[expert] + local % m[expert].clamp(min=1)
         cols = local // m[expert].clamp(min=1)
         flat = scale_inv.reshape(-1)[rows * nb + cols]
-        out, pos = [], 0
-        for e in m_splits:
-            out.append(flat[pos : pos + e * nb].view(nb, e))
-            pos += e * nb
-        return out
+        return [chunk.view(nb, e) for chunk, e in zip(flat.split([e * nb for e in m_splits]), m_splits)]
 
     def _rowwise(self, q: Fp8Blockwise, m_splits: Sequence[int]):
         """Per-expert row-wise storages: views of the codes, scales in TE's GEMM-ready layout."""
-        data = q.data.view(torch.uint8)
+        data = q.data.view(torch.uint8).split(list(m_splits))
         scales = self._gemm_ready_scales(q.scale_inv, m_splits)
-        out, start = [], 0
-        for m, scale in zip(m_splits, scales):
+        out = []
+        for rows, scale in zip(data, scales):
             out.append(
                 self._storage(
-                    rowwise_data=data[start : start + m],
+                    rowwise_data=rows,
                     rowwise_scale_inv=scale,
                     columnwise_data=None,
                     columnwise_scale_inv=None,
@@ -128,7 +124,6 @@ class TEGroupedGemm:
                     is_2D_scaled=False,
                 )
             )
-            start += m
         return out
 
     def _columnwise(self, q: Fp8Blockwise, m_splits: Sequence[int]):
