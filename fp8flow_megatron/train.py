@@ -140,6 +140,10 @@ def build_model(args, tokenizer):
     from .megatron.spec import get_fp8flow_decoder_block_spec
 
     use_te = args.transformer_impl != "local" and args.use_cuda and _te_importable()
+    if not use_te and not args.moe_fp8_flow and args.moe_grouped_gemm:
+        # megatron's non-TE grouped experts need the grouped_gemm package; SequentialMLP computes the same function
+        print("note: --moe-grouped-gemm without TransformerEngine: stock experts run as SequentialMLP", flush=True)
+        args.moe_grouped_gemm = False
     config = transformer_config_from_args(args, use_te)
     apply_to_transformer_config(config, FP8FlowConfig.from_source(args))
     spec = get_fp8flow_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization)

@@ -60,6 +60,12 @@ def test_save_and_resume_reproduce_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_flag_off_runs_stock_megatron(tmp_path):
+    out = _run(SMALL + ["--train-iters", "4", "--no-moe-fp8-flow", "--output-dir", str(tmp_path / "stock")], tmp_path)
+    assert "FP8-Flow: off" in out and "iter      4/4" in out and "fp8 underflow 0.00e+00" in out
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_ep2(tmp_path):
     out = _run(SMALL + ["--train-iters", "4", "--expert-model-parallel-size", "2", "--output-dir", str(tmp_path / "ep2")],
                tmp_path, torchrun=2)
