@@ -52,3 +52,21 @@ def require_module_spec_api(what: str) -> None:
             f"{what}: megatron-core {mcore_version()} uses builder-style specs, which fp8flow_megatron does not "
             f"support yet. Use megatron-core 0.16.x (pip install 'megatron-core==0.16.1')."
         )
+
+
+def require_positional_pretrain(entry: str) -> None:
+    """Refuse Megatron-LM entry points built on pretrain(cfg_container, ...) (megatron-core >= 0.18).
+
+    0.16.x/0.17.x: pretrain(dataset_provider, model_provider, model_type, forward_step, ..., extra_args_provider=).
+    0.18+: parse_and_validate_args(extra_args_provider=) then pretrain(cfg_container, dataset_provider, model_type,
+    forward_step, model_provider=None, ...), and 0.19+ builds the model from gpt_config_from_args(args); the spec
+    injection there is untested, so it is refused rather than guessed.
+    """
+    if pretrain_takes_cfg_container():
+        raise RuntimeError(
+            f"{entry} drives Megatron-LM's pretrain(dataset_provider, model_provider, ...) entry of megatron-core "
+            f"0.16.x/0.17.x; megatron-core {mcore_version()} has pretrain(cfg_container, ...), which fp8flow_megatron "
+            f"does not support yet. Use a Megatron-LM core_v0.16.x checkout with megatron-core 0.16.1 "
+            f"(pip install 'megatron-core=={TESTED_MCORE[-1]}'), or fp8flow_megatron's own trainer "
+            f"(python -m fp8flow_megatron.train)."
+        )
