@@ -59,7 +59,7 @@ SHAPES = {
         Shape("paper-32k-h1280", 32768, 1280, 1024, 64, 6),
     ]
 }
-DEFAULT_SHAPES = ["v2lite-4k", "v2lite-16k", "v2lite-32k", "paper-24k-h7168"]
+DEFAULT_SHAPES = ["v2lite-4k", "v2lite-16k", "v2lite-32k", "paper-24k-h7168", "paper-32k-h1280"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -493,6 +493,52 @@ def target_lines(rows: List[Row], copy_bw: float, large_shapes: List[str]) -> Li
     return out
 
 
+def write_report(args, rows: List[Row], copy_bw: float, gpu: str, versions: str, final: bool) -> None:
+    lines = table(rows, copy_bw)
+    done = list(dict.fromkeys(r.shape for r in rows))
+    large = [s for s in done if SHAPES[s].tokens >= 16384]
+    targets = target_lines(rows, copy_bw, large)
+    if final:
+        print("\n".join(lines))
+        print("\n".join(targets))
+    if args.no_md:
+        return
+    command = "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    md = [
+        "# Kernel benchmarks",
+        "",
+        f"Command: `{command.strip()}` (commit {commit.stdout.strip() or 'unknown'})  ",
+        f"GPU: {gpu}; {versions}; device-to-device copy bandwidth measured in the same run: {copy_bw / 1e9:.0f} GB/s."
+        + ("" if final else " PARTIAL: the run stopped before every shape was done."),
+        "",
+        "Method (scripts/bench_kernels.py): each kernel is checked against its reference first (the check column), "
+        f"then CUDA-event GPU time, median of {args.iters} after {args.warmup} warm-up calls, inputs rotated over sets "
+        "larger than 3x L2; a spin kernel queued before each call keeps host launch overhead out of every number. "
+        "× columns are baseline time / ours (higher is better). eager = naive PyTorch (the dequantize/gather/"
+        "activation code a non-fused implementation runs), compile = the same code under torch.compile(dynamic=True), "
+        "TE op = TransformerEngine's public op (permute: moe_permute_and_pad_with_probs, which also builds its row "
+        "map and syncs on the padded size; unpermute: moe_unpermute(pad_offsets=); quantize: Float8BlockQuantizer; "
+        "SwiGLU: tex.scaled_swiglu / scaled_dswiglu + Float8BlockQuantizer), TE kernel = TE's permute kernel alone "
+        f"with its row map precomputed. Experts are padded to {ALIGN} rows; GB/s counts the bytes a kernel must move.",
+        "",
+        "| shape | tokens | hidden | moe_ffn | experts | top-k |",
+        "|---|---|---|---|---|---|",
+        *[f"| {s} | {SHAPES[s].tokens} | {SHAPES[s].hidden} | {SHAPES[s].ffn} | {SHAPES[s].experts} | "
+          f"{SHAPES[s].topk} |" for s in done],
+        "",
+        *lines,
+        "",
+        "## Targets (issue 5)",
+        "",
+        *targets,
+        "",
+    ]  # fmt: skip
+    Path(args.md).write_text("\n".join(md), encoding="utf-8")
+    if final:
+        print(f"wrote {args.md}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=sorted(SHAPES))
@@ -533,48 +579,9 @@ def main():
             torch.cuda.empty_cache()
         del routing
         torch.cuda.empty_cache()
+        write_report(args, rows, copy_bw, gpu, versions, final=False)  # a partial table survives a timeout
 
-    lines = table(rows, copy_bw)
-    large = [s for s in args.shapes if SHAPES[s].tokens >= 16384]
-    targets = target_lines(rows, copy_bw, large)
-    print("\n".join(lines))
-    print("\n".join(targets))
-    if not args.no_md:
-        command = "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        md = [
-            "# Kernel benchmarks",
-            "",
-            f"Command: `{command.strip()}` (commit {commit.stdout.strip() or 'unknown'})  ",
-            f"GPU: {gpu}; {versions}; device-to-device copy bandwidth measured in the same run: "
-            f"{copy_bw / 1e9:.0f} GB/s.",
-            "",
-            "Method (scripts/bench_kernels.py): each kernel is checked against its reference first (the check "
-            "column), then CUDA-event GPU time, median of "
-            f"{args.iters} after {args.warmup} warm-up calls, inputs rotated over sets larger than 3x L2; a spin "
-            "kernel queued before each call keeps host launch overhead out of every number. × columns are "
-            "baseline time / ours (higher is better). eager = naive PyTorch (the dequantize/gather/activation code "
-            "a non-fused implementation runs), compile = the same code under torch.compile(dynamic=True), TE op = "
-            "TransformerEngine's public op (permute: moe_permute_and_pad_with_probs, which also builds its row map "
-            "and syncs on the padded size; unpermute: moe_unpermute(pad_offsets=); quantize: Float8BlockQuantizer; "
-            "SwiGLU: tex.scaled_swiglu / scaled_dswiglu + Float8BlockQuantizer), TE kernel = TE's permute kernel "
-            "alone with its row map precomputed. Shapes: tokens T, hidden H, moe_ffn F, experts E, top-k; experts "
-            f"padded to {ALIGN} rows.",
-            "",
-            "| shape | T | H | F | E | top-k |",
-            "|---|---|---|---|---|---|",
-            *[f"| {s} | {SHAPES[s].tokens} | {SHAPES[s].hidden} | {SHAPES[s].ffn} | {SHAPES[s].experts} | "
-              f"{SHAPES[s].topk} |" for s in args.shapes],
-            "",
-            *lines,
-            "",
-            "## Targets (issue 5)",
-            "",
-            *targets,
-            "",
-        ]  # fmt: skip
-        Path(args.md).write_text("\n".join(md), encoding="utf-8")
-        print(f"wrote {args.md}")
+    write_report(args, rows, copy_bw, gpu, versions, final=True)
     if bench.failed:
         print("CHECK FAILURES:\n  " + "\n  ".join(bench.failed))
         sys.exit(1)

@@ -18,7 +18,8 @@ from ..numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, ROWWISE_1X128, Fp8Bloc
 from ._triton import jit, require_cuda, require_triton, tl, triton
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # fp32's largest finite value
-# 32 rows x 128 columns per program, 4 warps: 32 elements per thread, 16-byte bf16 loads.
+# 32 rows x 128 columns per program, 4 warps: 32 elements per thread, 16-byte bf16 loads. Sweep on H100 at
+# [32768, 2048] bf16: 75.5 µs (90% of copy bandwidth); 16-128 rows and 4-8 warps all within 2%.
 _BLOCK_M = 32
 _NUM_WARPS = 4
 
