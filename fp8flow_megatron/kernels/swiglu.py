@@ -52,8 +52,8 @@ def _weighted_swiglu_quant_kernel(
     BLOCK_F: tl.constexpr,
     FP8_MAX: tl.constexpr,
 ):
-    fb = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    fb = tl.program_id(0) % NUM_F_BLOCKS  # column blocks fastest: programs running together read whole rows
+    rows = (tl.program_id(0) // NUM_F_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     row_ok = rows < N
     mask = row_ok[:, None] & (cols < F)[None, :]
@@ -164,7 +164,7 @@ def weighted_swiglu_quant_triton(fc1_out: torch.Tensor, probs: torch.Tensor) -> 
     scale_inv = torch.empty(n, nbf, dtype=torch.float32, device=fc1_out.device)
     if n > 0 and f > 0:
         require_triton("weighted_swiglu_quant_triton")
-        grid = (triton.cdiv(n, _FWD_BLOCK_M), nbf)
+        grid = (triton.cdiv(n, _FWD_BLOCK_M) * nbf,)
         _weighted_swiglu_quant_kernel[grid](
             fc1_out, probs, data, scale_inv, n, f, nbf, fc1_out.stride(0),
             BLOCK_M=_FWD_BLOCK_M, BLOCK_F=BLOCK, FP8_MAX=E4M3_MAX, num_warps=_FWD_WARPS, **_EXACT_FP32,
