@@ -160,3 +160,18 @@ def test_ep2_matches_stock_and_sends_fp8(hot_expert):
     if hot_expert:  # every token picked expert 3 (held by rank 1): rank 0's local experts get only the second choice
         for rank, res in results.items():
             assert res["tokens"][3] == (8 + 5 * rank) * 2
+
+
+def test_moe_layer_recompute_runs_the_dispatcher_again(megatron_ep1):
+    """--recompute-modules moe checkpoints the whole MoE layer: the FP8 dispatcher is re-run in backward and must
+    rebuild its state; gradients equal the non-recomputed layer's."""
+    torch.manual_seed(2)
+    plain = moe_layer(moe_config(True))
+    recomputed = moe_layer(moe_config(True, recompute_granularity="selective", recompute_modules=["moe"]))
+    recomputed.load_state_dict(plain.state_dict())
+    assert recomputed.moe_layer_recompute and not plain.moe_layer_recompute
+    x = torch.randn(20, 2, 128)
+    for u, v in zip(run_layer(plain, x), run_layer(recomputed, x)):
+        assert torch.equal(u, v)
+    for (n, p), (_, q) in zip(plain.named_parameters(), recomputed.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
