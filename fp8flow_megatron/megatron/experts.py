@@ -9,7 +9,6 @@ plain tensor (flag off), it is TEGroupedMLP.forward.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

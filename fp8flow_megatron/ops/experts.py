@@ -13,7 +13,7 @@ block transpose. Expert-level recompute keeps only x_fp8 (needed for wgrad anywa
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 

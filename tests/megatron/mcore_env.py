@@ -1,6 +1,5 @@
 """Helpers for CPU tests that build megatron-core modules: gloo process groups, configs, stock vs FP8-Flow MoE layers."""
 
-import os
 import socket
 import traceback
 
