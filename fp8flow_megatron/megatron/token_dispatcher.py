@@ -96,13 +96,15 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self._direct:
             counts = self._padded_counts
             self._src2 = self._dst2 = None
-            monitor.observe_tokens_per_expert(self.routing_map.sum(dim=0).cpu())
+            if monitor.enabled:  # the .cpu() is a device sync: only on logged iterations
+                monitor.observe_tokens_per_expert(self.routing_map.sum(dim=0).cpu())
         else:
             if self.num_local_experts > 1:
                 per_rank_expert = torch.as_tensor(self.num_global_tokens_per_local_expert).reshape(-1, self.num_local_experts)
             else:
                 per_rank_expert = torch.as_tensor(self.output_splits).reshape(-1, 1)
-            monitor.observe_tokens_per_expert(per_rank_expert.sum(dim=0))
+            if monitor.enabled:
+                monitor.observe_tokens_per_expert(per_rank_expert.sum(dim=0))
             src2, counts = chunk_sort_pad_rows(per_rank_expert, self.align)
             src2 = src2.to(global_tokens.device)
             dst2 = _inverse_rows(src2, global_tokens.shape[0])
