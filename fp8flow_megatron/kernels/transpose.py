@@ -47,6 +47,31 @@ def scaling_aware_transpose_cuda(
     Returns one result without m_splits (m = M), else a list with one result per split. All results are contiguous
     views into one codes buffer and one scales buffer.
     """
+    out_codes, out_scale_inv, splits, blocks, scale_row_len = scaling_aware_transpose_buffers(q, m_splits, scale_layout)
+    gemm_ready = scale_layout == "gemm_ready"
+    k = q.data.shape[1]
+    results = []
+    row, blk = 0, 0
+    for s, nb in zip(splits, blocks):
+        data = out_codes[row * k : (row + s) * k].view(k, s).view(FP8_DTYPE)
+        if gemm_ready:
+            scale = out_scale_inv[blk * scale_row_len : (blk + nb) * scale_row_len].view(nb, scale_row_len)
+            results.append(ColumnwiseGemmReady(data, scale))
+        else:
+            scale = out_scale_inv[blk * k : (blk + nb) * k].view(k, nb)
+            results.append(Fp8Blockwise(data=data, scale_inv=scale, block=ROWWISE_1X128))
+        row, blk = row + s, blk + nb
+    return results[0] if m_splits is None else results
+
+
+def scaling_aware_transpose_buffers(q: Fp8Blockwise, m_splits: Optional[Sequence[int]], scale_layout: str):
+    """The one launch behind scaling_aware_transpose_cuda, returning its flat output buffers without per-split views
+    (callers that wrap every split themselves, like the TE GEMM engine, save 64 x 3 view calls of host time).
+
+    Returns (codes uint8 [M * K]: split i is [K, m_i] row-major at offset K * (m_0 + ... + m_{i-1}),
+             scale_inv fp32 [sum_i ceil(m_i/128) * R]: split i is [ceil(m_i/128), R] (compact: [K, ceil(m_i/128)]),
+             splits (ints), blocks (ceil(m_i/128) per split), R = pad4(K) for "gemm_ready", else K).
+    """
     if tuple(q.block) != ROWWISE_1X128:
         raise ValueError(f"scaling_aware_transpose needs a 1x128 row-wise tensor, got block {q.block}")
     if scale_layout not in SCALE_LAYOUTS:
@@ -67,16 +92,4 @@ def scaling_aware_transpose_cuda(
             q.data.contiguous().view(torch.uint8), q.scale_inv.contiguous(), splits, gemm_ready,
             out_codes, out_scale_inv,
         )  # fmt: skip
-
-    results = []
-    row, blk = 0, 0
-    for s, nb in zip(splits, blocks):
-        data = out_codes[row * k : (row + s) * k].view(k, s).view(FP8_DTYPE)
-        if gemm_ready:
-            scale = out_scale_inv[blk * scale_row_len : (blk + nb) * scale_row_len].view(nb, scale_row_len)
-            results.append(ColumnwiseGemmReady(data, scale))
-        else:
-            scale = out_scale_inv[blk * k : (blk + nb) * k].view(k, nb)
-            results.append(Fp8Blockwise(data=data, scale_inv=scale, block=ROWWISE_1X128))
-        row, blk = row + s, blk + nb
-    return results[0] if m_splits is None else results
+    return out_codes, out_scale_inv, splits, blocks, scale_row_len

@@ -102,9 +102,13 @@ def routing_rows(routing_map: torch.Tensor, align: int = 1) -> Tuple[torch.Tenso
     counts = counts_dev.tolist()
     padded = pad_counts(counts, align)
     n_pad = sum(padded)
-    pad_start = torch.tensor([0] + padded[:-1], dtype=torch.int64, device=device).cumsum(0)
+    # Everything after the one host read stays on the device without further syncs: the padded starts are computed
+    # there, and nonzero_static takes the pair count the host already knows.
+    padded_dev = (counts_dev + (align - 1)) // align * align
+    pad_start = torch.cumsum(padded_dev, 0) - padded_dev
     start = torch.cumsum(counts_dev, 0) - counts_dev
-    pairs = torch.nonzero(routing_map.t(), as_tuple=False)  # [N, 2] (expert, token), expert-major, tokens ascending
+    # [N, 2] (expert, token), expert-major, tokens ascending
+    pairs = torch.nonzero_static(routing_map.t(), size=sum(counts), fill_value=-1)
     ex, tok = pairs[:, 0], pairs[:, 1]
     rank_in_expert = torch.arange(pairs.shape[0], device=device) - start[ex]
     rows = pad_start[ex] + rank_in_expert

@@ -84,6 +84,23 @@ class TEGroupedGemm:
         self._q2d = Float8BlockQuantizer(
             fp8_dtype=self._e4m3, rowwise=True, columnwise=True, amax_epsilon=0.0, force_pow_2_scales=True, block_scaling_dim=2
         )
+        # Per-expert operand storages are made ~500 times per layer fwd+bwd. TE's constructor is cheap but not free
+        # (DType.cast, a quantizer copy); a template made once by the real constructor is cloned instead, so the
+        # attributes are exactly what this TE version sets (checked against the constructor in the GPU tests).
+        empty = torch.empty(0, dtype=torch.uint8)
+        self._template = self._storage(
+            rowwise_data=empty, rowwise_scale_inv=empty, columnwise_data=empty, columnwise_scale_inv=empty,
+            fp8_dtype=self._e4m3, quantizer=None, is_2D_scaled=False,
+        ).__dict__
+
+    def make_storage(self, rowwise_data=None, rowwise_scale_inv=None, columnwise_data=None, columnwise_scale_inv=None):
+        """A 1x128-scaled Float8BlockwiseQTensorStorage over existing uint8 codes and fp32 scales (no copy, no
+        quantizer: the GEMM reads codes and scales only)."""
+        storage = object.__new__(self._storage)
+        storage.__dict__.update(self._template)
+        storage._rowwise_data, storage._rowwise_scale_inv = rowwise_data, rowwise_scale_inv
+        storage._columnwise_data, storage._columnwise_scale_inv = columnwise_data, columnwise_scale_inv
+        return storage
 
     # -- operands
     def quantize_weight(self, w: torch.Tensor):
@@ -95,7 +112,9 @@ class TEGroupedGemm:
         so TE's pad-to-4 adds nothing), all experts in one gather over one buffer."""
         m_total, nb = scale_inv.shape
         device = scale_inv.device
-        m = torch.tensor(list(m_splits), dtype=torch.int64, device=device)
+        # pinned + non_blocking: a plain torch.tensor(..., device=cuda) would synchronize the stream on every GEMM
+        m = torch.tensor(list(m_splits), dtype=torch.int64)
+        m = m.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else m
         sizes = m * nb
         total = m_total * nb
         expert = torch.repeat_interleave(torch.arange(len(m_splits), device=device), sizes, output_size=total)
@@ -111,35 +130,19 @@ class TEGroupedGemm:
         """Per-expert row-wise storages: views of the codes, scales in TE's GEMM-ready layout."""
         data = q.data.view(torch.uint8).split(list(m_splits))
         scales = self._gemm_ready_scales(q.scale_inv, m_splits)
-        out = []
-        for rows, scale in zip(data, scales):
-            out.append(
-                self._storage(
-                    rowwise_data=rows,
-                    rowwise_scale_inv=scale,
-                    columnwise_data=None,
-                    columnwise_scale_inv=None,
-                    fp8_dtype=self._e4m3,
-                    quantizer=None,  # the GEMM reads codes and scales only; copying a quantizer per expert costs host time
-                    is_2D_scaled=False,
-                )
-            )
-        return out
+        return [self.make_storage(rowwise_data=rows, rowwise_scale_inv=scale) for rows, scale in zip(data, scales)]
 
     def _columnwise(self, q: Fp8Blockwise, m_splits: Sequence[int]):
-        from ..kernels import scaling_aware_transpose_cuda
+        """Per-expert column-wise storages from one scaling-aware transpose launch (scales GEMM-ready)."""
+        from ..kernels.transpose import scaling_aware_transpose_buffers
 
+        codes, scale_inv, splits, blocks, row_len = scaling_aware_transpose_buffers(q, m_splits, "gemm_ready")
+        k = q.data.shape[1]
+        code_chunks = codes.split([m * k for m in splits])
+        scale_chunks = scale_inv.split([b * row_len for b in blocks])
         return [
-            self._storage(
-                rowwise_data=None,
-                rowwise_scale_inv=None,
-                columnwise_data=t.data.view(torch.uint8),
-                columnwise_scale_inv=t.scale_inv,
-                fp8_dtype=self._e4m3,
-                quantizer=None,
-                is_2D_scaled=False,
-            )
-            for t in scaling_aware_transpose_cuda(q, m_splits, scale_layout="gemm_ready")
+            self.make_storage(columnwise_data=c.view(k, m), columnwise_scale_inv=sc.view(b, row_len))
+            for c, sc, m, b in zip(code_chunks, scale_chunks, splits, blocks)
         ]
 
     # -- GEMMs
@@ -163,9 +166,12 @@ class TEGroupedGemm:
 
     def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
         n, k = g_q.data.shape[1], x_q.data.shape[1]
-        out = torch.zeros(len(m_splits), n, k, dtype=dtype, device=g_q.data.device)
-        outs = [out[i] for i in range(len(m_splits))]
-        live = [i for i, m in enumerate(m_splits) if m > 0]  # an empty expert's weight gradient is zero
+        out = torch.empty(len(m_splits), n, k, dtype=dtype, device=g_q.data.device)
+        outs = list(out.unbind(0))
+        live = [i for i, m in enumerate(m_splits) if m > 0]
+        for i, m in enumerate(m_splits):
+            if m == 0:  # an empty expert's weight gradient is zero (only those are written here, not the whole buffer)
+                outs[i].zero_()
         if live:
             g_t = self._columnwise(g_q, m_splits)
             x_t = self._columnwise(x_q, m_splits)

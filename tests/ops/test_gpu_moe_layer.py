@@ -19,6 +19,21 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+def test_fast_storage_equals_te_constructor(te_engine):
+    # make_storage clones a template instead of calling TE's constructor ~500 times per layer fwd+bwd; it must hold
+    # exactly what the constructor would (same attributes, same values), or TE's GEMM could read something else.
+    codes = torch.zeros(32, 256, dtype=torch.uint8, device="cuda")
+    scales = torch.ones(2, 32, device="cuda")
+    fast = te_engine.make_storage(rowwise_data=codes, rowwise_scale_inv=scales)
+    slow = te_engine._storage(
+        rowwise_data=codes, rowwise_scale_inv=scales, columnwise_data=None, columnwise_scale_inv=None,
+        fp8_dtype=te_engine._e4m3, quantizer=None, is_2D_scaled=False,
+    )
+    assert type(fast) is type(slow) and fast.__dict__.keys() == slow.__dict__.keys()
+    for name, value in slow.__dict__.items():
+        assert fast.__dict__[name] is value or fast.__dict__[name] == value, name
+
+
 @pytest.mark.parametrize("m_splits", [[16, 0, 48, 32], [0, 0, 64, 0], [128, 256, 16, 0]])
 def test_te_grouped_gemm_matches_reference(te_engine, m_splits):
     # Same FP8 codes and scales in both engines; the fp32 results differ only by accumulation order / the tensor
