@@ -44,6 +44,13 @@ def _inverse_rows(src_rows: torch.Tensor, n_in: int) -> torch.Tensor:
     return inv
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host index map -> device without synchronizing the stream (pinned staging, non-blocking copy)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None, align: int = GEMM_ALIGN):
         super().__init__(num_local_experts, local_expert_indices, config=config, pg_collection=pg_collection)
@@ -105,9 +112,11 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 per_rank_expert = torch.as_tensor(self.output_splits).reshape(-1, 1)
             if monitor.enabled:
                 monitor.observe_tokens_per_expert(per_rank_expert.sum(dim=0))
+            # Both maps are built on the host (the split sizes are there already) and copied without a stream sync:
+            # a pageable .to(cuda) or a boolean-mask index on the device would stall the host-bound step twice.
             src2, counts = chunk_sort_pad_rows(per_rank_expert, self.align)
-            src2 = src2.to(global_tokens.device)
             dst2 = _inverse_rows(src2, global_tokens.shape[0])
+            src2, dst2 = _to_device(src2, global_tokens.device), _to_device(dst2, global_tokens.device)
             self._src2, self._dst2 = src2, dst2
             global_tokens = ops.permute_rows(global_tokens, src2, dst2)
             global_probs = ops.permute_probs(global_probs, src2)
