@@ -10,6 +10,7 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   te_blockwise    stock TEGroupedMLP under TE Float8BlockScaling (E4M3) with megatron's Fp8Padding
   fp8flow         FP8FlowMoELayer: FP8 dispatch, fused kernels, TE grouped GEMMs on pre-quantized FP8
   fp8flow_recomp  the same with --moe-expert-recompute
+  fp8flow_triton, fp8flow_recomp_triton  the same with the single-launch Triton grouped GEMMs (--moe-fp8-flow-gemm triton)
 Reported per variant: median fwd+bwd time (CUDA events), peak memory above the resident tensors, activation memory
 (allocated after forward), standalone quantize/cast/transpose kernel launches per fwd+bwd (torch.profiler, names
 listed), and the relative L2 error of output, input grad, router grad and expert-weight grads vs an fp32 layer.
@@ -72,7 +73,7 @@ def build_layer(variant: str, args):
     from fp8flow_megatron.megatron.spec import fp8flow_moe_spec
 
     fp32 = variant == "fp32"
-    fp8 = variant in ("te_blockwise", "fp8flow", "fp8flow_recomp")
+    fp8 = variant == "te_blockwise" or variant.startswith("fp8flow")
     flow = variant.startswith("fp8flow")
     cfg = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=16, ffn_hidden_size=10944, num_moe_experts=NUM_EXPERTS,
@@ -85,7 +86,8 @@ def build_layer(variant: str, args):
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=INIT_STD, expert_model_parallel_size=args.ep,
     )
     cfg.moe_fp8_flow = flow
-    cfg.moe_expert_recompute = variant == "fp8flow_recomp"
+    cfg.moe_expert_recompute = flow and "recomp" in variant
+    cfg.moe_fp8_flow_gemm = "triton" if variant.endswith("_triton") else "te"
     spec = get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
     if flow:
         spec = fp8flow_moe_spec(spec)

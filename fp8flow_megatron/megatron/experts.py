@@ -29,6 +29,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             pg_collection = get_default_pg_collection()
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         self.expert_recompute = bool(getattr(config, "moe_expert_recompute", False))
+        self.gemm_engine = getattr(config, "moe_fp8_flow_gemm", "te")
         self._weight_cache = WeightQuantCache()
 
     def _weights(self, linear):
@@ -46,6 +47,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             self._weights(self.linear_fc2),
             recompute=self.expert_recompute,
             cache=self._weight_cache,
+            gemm_engine=self.gemm_engine,
         )
         return output, None
 

@@ -46,6 +46,19 @@ class WeightQuantCache:
         self._entries[key] = (stamp, w_q)
         return w_q
 
+    def get_group(self, weights, engine):
+        """All experts' weights of one linear in the engine's form (a list, or one stacked buffer), requantized when
+        any of them changed."""
+        key = (tuple(id(w) for w in weights), engine.name)
+        stamp = tuple((w._version, w.data_ptr()) for w in weights)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        with torch.no_grad():
+            w_q = engine.quantize_weights(weights)
+        self._entries[key] = (stamp, w_q)
+        return w_q
+
 
 def _pack(q: Fp8Blockwise) -> Tuple[torch.Tensor, torch.Tensor]:
     return q.data, q.scale_inv
@@ -63,18 +76,18 @@ def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype):
 
 class _Fp8FlowExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, m_splits, recompute, cache, *weights):
+    def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, *weights):
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
-        b, engine = backend_for(x.device), gemm_engine_for(x.device)
+        b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name)
         x_q = x.fp8
         out_dtype = x.dtype
-        w1_q = [cache.get(w, engine) for w in w1]
-        w2_q = [cache.get(w, engine) for w in w2]
+        w1_q = cache.get_group(w1, engine)
+        w2_q = cache.get_group(w2, engine)
         y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
         y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
         ctx.m_splits, ctx.recompute, ctx.cache, ctx.out_dtype = list(m_splits), recompute, cache, out_dtype
-        ctx.num_experts = num_experts
+        ctx.num_experts, ctx.engine_name = num_experts, engine_name
         saved = [*_pack(x_q), probs]
         if not recompute:
             saved += [y1, *_pack(a_q)]
@@ -87,15 +100,15 @@ class _Fp8FlowExperts(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_q, probs = _unpack(saved[0], saved[1]), saved[2]
         rest = saved[3:]
-        b, engine = backend_for(grad_y2.device), gemm_engine_for(grad_y2.device)
+        b, engine = backend_for(grad_y2.device), gemm_engine_for(grad_y2.device, ctx.engine_name)
         m_splits, out_dtype = ctx.m_splits, ctx.out_dtype
         if ctx.recompute:
             weights = rest
         else:
             y1, a_q, weights = rest[0], _unpack(rest[1], rest[2]), rest[3:]
         w1, w2 = weights[:n_e], weights[n_e:]
-        w1_q = [ctx.cache.get(w, engine) for w in w1]
-        w2_q = [ctx.cache.get(w, engine) for w in w2]
+        w1_q = ctx.cache.get_group(w1, engine)
+        w2_q = ctx.cache.get_group(w2, engine)
         if ctx.recompute:
             y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
 
@@ -110,7 +123,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(grad_a, y1, probs)
         grad_x = engine.dgrad(g1_q, w1_q, m_splits, out_dtype)
         dw1 = engine.wgrad(g1_q, x_q, m_splits, w1[0].dtype) if n_e else []
-        return (grad_x, grad_probs.to(probs.dtype), None, None, None, *dw1, *dw2)
+        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, *dw1, *dw2)
 
 
 def fp8_flow_experts(
@@ -121,6 +134,7 @@ def fp8_flow_experts(
     fc2_weights: Sequence[torch.Tensor],
     recompute: bool = False,
     cache: WeightQuantCache = None,
+    gemm_engine: str = "te",
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -128,8 +142,12 @@ def fp8_flow_experts(
     probs:       [N] fp32 routing weights (0 on padding rows); receives a gradient.
     m_splits:    rows per expert (python ints, summing to N).
     fc1_weights: per expert [2F, H] (gate rows first); fc2_weights: per expert [H, F].
+    gemm_engine: "te" (TE's grouped GEMM) or "triton" (one launch per GEMM for all experts); CPU always runs the
+                 reference.
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):
         raise TypeError("fp8_flow_experts needs the FP8 payload from the FP8-Flow dispatcher (an Fp8FlowTensor)")
-    return _Fp8FlowExperts.apply(x, probs, list(m_splits), recompute, cache or WeightQuantCache(), *fc1_weights, *fc2_weights)
+    return _Fp8FlowExperts.apply(
+        x, probs, list(m_splits), recompute, cache or WeightQuantCache(), gemm_engine, *fc1_weights, *fc2_weights
+    )

@@ -31,6 +31,9 @@ class ReferenceGemm:
         w_q = backend_for(w.device).quantize_128x128(w.detach())
         return w_q, transpose_128x128(w_q)
 
+    def quantize_weights(self, weights):
+        return [self.quantize_weight(w) for w in weights]
+
     def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
         return fp8_grouped_gemm_nt(x_q, [w for w, _ in weights], m_splits, out_dtype)
 
@@ -105,6 +108,9 @@ class TEGroupedGemm:
     # -- operands
     def quantize_weight(self, w: torch.Tensor):
         return self._q2d(w.detach())
+
+    def quantize_weights(self, weights):
+        return [self.quantize_weight(w) for w in weights]
 
     @staticmethod
     def _gemm_ready_scales(scale_inv: torch.Tensor, m_splits: Sequence[int]) -> List[torch.Tensor]:
@@ -182,13 +188,51 @@ class TEGroupedGemm:
         return outs
 
 
+class TritonGroupedGemm:
+    """All experts in one Triton launch per GEMM (fp8flow_megatron.kernels.grouped_gemm): no per-expert host work.
+    Weights are kept as one Fp8BlockwiseStack per linear (and its exact 128x128 block transpose for dgrad)."""
+
+    name = "triton"
+
+    def quantize_weights(self, weights):
+        from ..numerics.gemm import Fp8BlockwiseStack
+
+        stack = Fp8BlockwiseStack.quantize(weights, backend_for(weights[0].device).quantize_128x128)
+        return stack, stack.t()
+
+    def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        from ..kernels import fp8_grouped_gemm_nt_triton
+
+        return fp8_grouped_gemm_nt_triton(x_q, weights[0], m_splits, out_dtype)
+
+    def dgrad(self, g_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        from ..kernels import fp8_grouped_gemm_nt_triton
+
+        return fp8_grouped_gemm_nt_triton(g_q, weights[1], m_splits, out_dtype)
+
+    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
+        from ..kernels import fp8_grouped_wgrad_triton
+
+        return list(fp8_grouped_wgrad_triton(g_q, x_q, m_splits, dtype).unbind(0))
+
+
+GEMM_ENGINES = ("te", "triton")
+
+
 @functools.lru_cache(maxsize=None)
 def _te_engine():
     return TEGroupedGemm()
 
 
-def gemm_engine_for(device: torch.device):
-    """TE on CUDA when TE imports (a TE outside the supported range raises with the fix); the reference otherwise."""
-    if torch.device(device).type == "cuda" and te_available():
+def gemm_engine_for(device: torch.device, name: str = "te"):
+    """On CUDA: TE's grouped GEMM ("te", default; a TE outside the supported range raises with the fix; without TE
+    the reference) or the single-launch Triton kernels ("triton"). On CPU: the reference (the numerics spec)."""
+    if name not in GEMM_ENGINES:
+        raise ValueError(f"unknown FP8-Flow GEMM engine {name!r}; choose one of {GEMM_ENGINES}")
+    if torch.device(device).type != "cuda":
+        return ReferenceGemm()
+    if name == "triton":
+        return TritonGroupedGemm()
+    if te_available():
         return _te_engine()
     return ReferenceGemm()

@@ -1,0 +1,209 @@
+"""Grouped blockwise-FP8 GEMMs for all experts in one launch each (Triton); twins of
+``fp8flow_megatron.numerics.gemm.fp8_grouped_gemm_nt`` and ``fp8_grouped_wgrad``.
+
+Why: TE's grouped GEMM on released TE issues one cuBLASLt call per expert (64 per GEMM, ~1.2-1.5 ms of host time per
+grouped GEMM on an H100 host), which makes the MoE layer host-bound; its single-launch grouped path needs cuBLAS >=
+13.4. These kernels take the whole expert batch in one launch.
+
+Numerics (the DeepGEMM-style "promotion"): for every 128-wide K block the tensor cores compute the FP8 x FP8 partial
+product in fp32, which is then scaled by the two blocks' scales and added to an fp32 accumulator -- the same sum as
+the twin's dequantize -> fp32 matmul up to fp32 summation order. Output is rounded once to the output dtype.
+
+fp8_grouped_gemm_nt_triton  out[M, N] = A[M, K] (1x128 per row) . B[e][N, K]^T (128x128), rows grouped by expert
+                            (fprop: A = x, B = W; dgrad: A = dy, B = W^T as an exact 128x128 block transpose)
+fp8_grouped_wgrad_triton    dw[e][N, K] = T(g_e) . T(x_e)^T over expert e's rows, T the scaling-aware transpose
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from ..numerics.format import BLOCK, ROWWISE_1X128, Fp8Blockwise, ceil_div
+from ..numerics.gemm import Fp8BlockwiseStack
+from ._triton import HAVE_TRITON, jit, require_cuda, require_triton, tl, triton
+
+TILE_M = 128  # rows per program in the varlen-M kernel; the host-built tile map depends on it, so it is not tuned
+
+
+def _configs(block_names):
+    if not HAVE_TRITON:
+        return []
+    out = []
+    for bn, warps, stages in ((128, 8, 3), (128, 8, 4), (128, 4, 4)):
+        out.append(triton.Config({block_names[0]: bn}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _autotune(configs, key):
+    if not HAVE_TRITON:
+        return lambda fn: fn
+    return triton.autotune(configs=configs, key=key)
+
+
+@_autotune(_configs(["BLOCK_N"]), key=["N", "K"])
+@jit
+def _grouped_gemm_nt_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, tiles_ptr, num_tiles,
+    N, K, num_kb, num_nb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # grid (N tiles, M tiles): consecutive programs share one A tile (L2), and one expert's B stays hot across its tiles
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert = tl.load(tiles_ptr + pid_m).to(tl.int64)
+    row0 = tl.load(tiles_ptr + num_tiles + pid_m).to(tl.int64)
+    row_end = tl.load(tiles_ptr + 2 * num_tiles + pid_m).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + offs_m[:, None] * K
+    b_rows = b_ptr + expert * N * K + offs_n[:, None] * K
+    sa_rows = a_scale_ptr + offs_m * num_kb
+    sb_rows = b_scale_ptr + expert * num_nb * num_kb + (offs_n // BLOCK_K) * num_kb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, num_kb):
+        k = kb * BLOCK_K + offs_k
+        mask_k = k < K
+        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
+        sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+    c = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@_autotune(_configs(["BLOCK_N"]), key=["N", "K", "ROWS_ALIGNED_16"])
+@jit
+def _grouped_wgrad_kernel(
+    g_ptr, g_scale_ptr, x_ptr, x_scale_ptr, c_ptr, splits_ptr, num_experts,
+    N, K,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_ALIGNED_16: tl.constexpr,
+):  # fmt: skip
+    # g_ptr / x_ptr: the scaling-aware transposes in the compact layout -- split e is [N, m_e] (resp. [K, m_e]) at
+    # row offset row_start_e, its scales [N, ceil(m_e/128)] at block offset block_start_e.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    expert = tl.program_id(2)
+    m0 = tl.load(splits_ptr + expert).to(tl.int64)
+    me = tl.load(splits_ptr + num_experts + expert).to(tl.int64)
+    if ROWS_ALIGNED_16:
+        # The row length m_e is read from memory, so Triton cannot know it; without this hint every FP8 row load is
+        # split into single bytes (measured 4x slower). The dispatcher pads every expert to 16 rows.
+        m0 = tl.multiple_of(m0, 16)
+        me = tl.multiple_of(me, 16)
+    blk0 = tl.load(splits_ptr + 2 * num_experts + expert).to(tl.int64)
+    nb = (me + BLOCK_M - 1) // BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    offs_m = tl.arange(0, BLOCK_M)
+    g_rows = g_ptr + N * m0 + offs_n[:, None] * me
+    x_rows = x_ptr + K * m0 + offs_k[:, None] * me
+    gs_rows = g_scale_ptr + N * blk0 + offs_n * nb
+    xs_rows = x_scale_ptr + K * blk0 + offs_k * nb
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for b in range(0, nb):
+        m = b * BLOCK_M + offs_m
+        mask_m = m < me
+        g = tl.load(g_rows + m[None, :], mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+        x = tl.load(x_rows + m[None, :], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        sg = tl.load(gs_rows + b, mask=mask_n, other=0.0)
+        sx = tl.load(xs_rows + b, mask=mask_k, other=0.0)
+        acc += tl.dot(g, tl.trans(x)) * sg[:, None] * sx[None, :]
+    c = c_ptr + expert * N * K + offs_n[:, None] * K + offs_k[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+
+
+def _to_device_int32(rows: np.ndarray, device) -> torch.Tensor:
+    """Host int32 table -> device, pinned and non-blocking (a pageable copy would synchronize the stream)."""
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int32)).pin_memory().to(device, non_blocking=True)
+
+
+def _stack(b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]]) -> Fp8BlockwiseStack:
+    if isinstance(b, Fp8BlockwiseStack):
+        return b
+    return Fp8BlockwiseStack(torch.stack([w.data for w in b]), torch.stack([w.scale_inv for w in b]))
+
+
+def fp8_grouped_gemm_nt_triton(
+    a: Fp8Blockwise,
+    b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]],
+    m_splits: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Twin of numerics.fp8_grouped_gemm_nt, one launch for all experts.
+
+    a:        Fp8Blockwise [M, K], block (1, 128), rows grouped by expert (compact scale_inv [M, ceil(K/128)]).
+    b:        E weights [N, K] 128x128 (an Fp8BlockwiseStack, or a list that is stacked here).
+    m_splits: E row counts summing to M (zeros allowed).
+    Returns [M, N] in out_dtype.
+    """
+    require_triton("fp8_grouped_gemm_nt_triton")
+    require_cuda("fp8_grouped_gemm_nt_triton", a.data)
+    if tuple(a.block) != ROWWISE_1X128:
+        raise ValueError(f"fp8_grouped_gemm_nt_triton: a must be 1x128 row-wise, got block {a.block}")
+    w = _stack(b)
+    splits = [int(s) for s in m_splits]
+    m_total, k = a.data.shape
+    num_experts, n, k_w = w.data.shape
+    if len(splits) != num_experts or sum(splits) != m_total or k_w != k:
+        raise ValueError(f"fp8_grouped_gemm_nt_triton: m_splits {splits} / weights {tuple(w.data.shape)} do not fit a {tuple(a.data.shape)}")
+    out = torch.empty(m_total, n, dtype=out_dtype, device=a.data.device)
+    if m_total == 0 or n == 0:
+        return out
+    m = np.asarray(splits, dtype=np.int64)
+    starts = np.cumsum(m) - m
+    tiles_per_expert = -(-m // TILE_M)
+    expert = np.repeat(np.arange(num_experts), tiles_per_expert)
+    first_tile = np.repeat(np.cumsum(tiles_per_expert) - tiles_per_expert, tiles_per_expert)
+    row0 = starts[expert] + (np.arange(expert.size) - first_tile) * TILE_M
+    row_end = starts[expert] + m[expert]
+    tiles = _to_device_int32(np.stack([expert, row0, row_end]), a.data.device)
+    num_tiles = int(expert.size)
+    kb, nb = ceil_div(k, BLOCK), ceil_div(n, BLOCK)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), num_tiles)
+
+    _grouped_gemm_nt_kernel[grid](
+        a.data.contiguous(), a.scale_inv.contiguous(), w.data, w.scale_inv, out, tiles, num_tiles, n, k, kb, nb,
+        BLOCK_M=TILE_M, BLOCK_K=BLOCK,
+    )  # fmt: skip
+    return out
+
+
+def fp8_grouped_wgrad_triton(
+    g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits: Sequence[int], out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Twin of numerics.fp8_grouped_wgrad: [E, N, K] weight gradients from row-wise g_q [M, N] and x_q [M, K]
+    (1x128), via two scaling-aware transposes (one launch each, all experts) and one grouped GEMM launch."""
+    from .transpose import scaling_aware_transpose_buffers
+
+    require_triton("fp8_grouped_wgrad_triton")
+    require_cuda("fp8_grouped_wgrad_triton", g_q.data, x_q.data)
+    n, k = g_q.data.shape[1], x_q.data.shape[1]
+    num_experts = len(m_splits)
+    out = torch.empty(num_experts, n, k, dtype=out_dtype, device=g_q.data.device)
+    if num_experts == 0 or n == 0 or k == 0:
+        return out
+    g_codes, g_scales, splits, blocks, _ = scaling_aware_transpose_buffers(g_q, m_splits, "compact")
+    x_codes, x_scales, _, _, _ = scaling_aware_transpose_buffers(x_q, m_splits, "compact")
+    m = np.asarray(splits, dtype=np.int64)
+    blk = np.asarray(blocks, dtype=np.int64)
+    table = _to_device_int32(np.stack([np.cumsum(m) - m, m, np.cumsum(blk) - blk]), g_q.data.device)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
+
+    _grouped_wgrad_kernel[grid](
+        g_codes.view(g_q.data.dtype), g_scales, x_codes.view(x_q.data.dtype), x_scales, out, table, num_experts, n, k,
+        BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=all(s % 16 == 0 for s in splits),
+    )  # fmt: skip
+    return out
