@@ -10,6 +10,7 @@ Modes (everything else comes from the config):
                                                       fp8_format/fp8_recipe), megatron's FP8 padding
   fp8flow       (the config as is)                    FP8-Flow routed experts; dense layers under the same TE recipe
   fp8flow_recomp  --moe-expert-recompute              the same with expert-level recompute
+  fp8flow_te    --moe-fp8-flow-gemm te                FP8-Flow with TE's grouped GEMM instead of the Triton kernels
 Each mode is a separate process (a fresh CUDA context, so peak memory is per mode). tokens/s is the median over the
 logged intervals after the first one (which holds start-up and autotuning).
 """
@@ -29,6 +30,7 @@ MODES = {
     "te_blockwise": ["--no-moe-fp8-flow"],
     "fp8flow": [],
     "fp8flow_recomp": ["--moe-expert-recompute"],
+    "fp8flow_te": ["--moe-fp8-flow-gemm", "te"],
 }
 
 

@@ -18,6 +18,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
 from ..ops.experts import WeightQuantCache, fp8_flow_experts
+from .config import FP8FlowConfig
 from ..ops.fp8_tensor import Fp8FlowTensor
 
 
@@ -29,7 +30,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             pg_collection = get_default_pg_collection()
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         self.expert_recompute = bool(getattr(config, "moe_expert_recompute", False))
-        self.gemm_engine = getattr(config, "moe_fp8_flow_gemm", "te")
+        self.gemm_engine = FP8FlowConfig.from_source(config).gemm
         self._weight_cache = WeightQuantCache()
 
     def _weights(self, linear):

@@ -134,7 +134,7 @@ def fp8_flow_experts(
     fc2_weights: Sequence[torch.Tensor],
     recompute: bool = False,
     cache: WeightQuantCache = None,
-    gemm_engine: str = "te",
+    gemm_engine: str = "triton",
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -142,7 +142,7 @@ def fp8_flow_experts(
     probs:       [N] fp32 routing weights (0 on padding rows); receives a gradient.
     m_splits:    rows per expert (python ints, summing to N).
     fc1_weights: per expert [2F, H] (gate rows first); fc2_weights: per expert [H, F].
-    gemm_engine: "te" (TE's grouped GEMM) or "triton" (one launch per GEMM for all experts); CPU always runs the
+    gemm_engine: "triton" (one launch per GEMM for all experts) or "te" (TE's grouped GEMM); CPU always runs the
                  reference.
     Returns y [N, H] in x's logical dtype.
     """
