@@ -125,10 +125,10 @@ def test_triton_gemm_engine_layer_matches_te_engine(megatron_gpu):
 
     assert gemm_engine_for(torch.device("cuda"), "triton").name == "triton"
     torch.manual_seed(3)
-    te_layer = moe_layer(moe_config(True)).cuda()
-    cfg = moe_config(True)
-    cfg.moe_fp8_flow_gemm = "triton"
-    triton_layer = moe_layer(cfg).cuda()
+    te_cfg = moe_config(True)
+    te_cfg.moe_fp8_flow_gemm = "te"
+    te_layer = moe_layer(te_cfg).cuda()
+    triton_layer = moe_layer(moe_config(True)).cuda()  # the default engine
     triton_layer.load_state_dict(te_layer.state_dict())
     assert triton_layer.experts.gemm_engine == "triton" and te_layer.experts.gemm_engine == "te"
     x = torch.randn(256, 2, 128, device="cuda")
