@@ -35,22 +35,11 @@ class WeightQuantCache:
     def __init__(self) -> None:
         self._entries = {}
 
-    def get(self, weight: torch.Tensor, engine):
-        key = (id(weight), engine.name)
-        stamp = (weight._version, weight.data_ptr(), tuple(weight.shape))
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        with torch.no_grad():
-            w_q = engine.quantize_weight(weight)
-        self._entries[key] = (stamp, w_q)
-        return w_q
-
     def get_group(self, weights, engine):
         """All experts' weights of one linear in the engine's form (a list, or one stacked buffer), requantized when
         any of them changed."""
         key = (tuple(id(w) for w in weights), engine.name)
-        stamp = tuple((w._version, w.data_ptr()) for w in weights)
+        stamp = tuple((w._version, w.data_ptr(), tuple(w.shape)) for w in weights)
         hit = self._entries.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]

@@ -85,12 +85,13 @@ def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def spawn(fn, world_size: int, *args):
-    """Run fn(rank, world_size, port, *args) in world_size processes; re-raise the first failure with its traceback."""
+def spawn(fn, world_size: int, *args, mp_context=None):
+    """Run fn(rank, world_size, port, *args) in world_size processes; re-raise the first failure with its traceback.
+    mp_context: a multiprocessing context (default: spawn), e.g. a forkserver that preloaded the heavy imports."""
     import torch.multiprocessing as mp
 
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = mp_context or mp.get_context("spawn")
     q = ctx.SimpleQueue()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, q, args)) for r in range(world_size)]
     for p in procs:

@@ -133,24 +133,6 @@ def _forkserver():
     return ctx
 
 
-def _spawn_preloaded(fn, world_size: int, *args):
-    """mcore_env.spawn, with the processes forked from one forkserver that imported torch and megatron-core once:
-    8 fresh interpreters each importing megatron-core take about a minute on 2 cores; the forks take seconds."""
-    ctx = _forkserver()
-    port = free_port()
-    q = ctx.SimpleQueue()
-    procs = [ctx.Process(target=mcore_env._worker, args=(fn, r, world_size, port, q, args)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = [q.get() for _ in procs]
-    for p in procs:
-        p.join(timeout=120)
-    errors = [r for r in results if r[0] == "error"]
-    if errors:
-        raise AssertionError(f"rank {errors[0][1]} failed:\n{errors[0][2]}")
-    return {r[1]: r[2] for r in results}
-
-
 def _ep_worker(rank, world_size, port):
     torch.set_num_threads(1)  # N processes share 2 cores
     init_megatron(rank, world_size, port, ep=world_size)
@@ -196,7 +178,7 @@ def ep1_results():
 # both multi-process: `slow`, like the EP=2 tests (run by default; `-m "not slow"` skips them)
 @pytest.fixture(scope="module", params=[pytest.param(ep, marks=pytest.mark.slow) for ep in EPS], ids=lambda ep: f"ep{ep}")
 def ep_results(request, ep1_results):  # after ep1_results, which starts the forkserver
-    return request.param, _spawn_preloaded(_ep_worker, request.param)
+    return request.param, mcore_env.spawn(_ep_worker, request.param, mp_context=_forkserver())
 
 
 def _gathered(results: dict, name: str, ep: int) -> dict:
