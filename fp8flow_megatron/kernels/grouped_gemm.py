@@ -21,7 +21,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from ..numerics.format import BLOCK, ROWWISE_1X128, Fp8Blockwise, ceil_div
+from ..numerics.format import BLOCK, ROWWISE_1X128, Fp8Blockwise, ceil_div, host_to_device
 from ..numerics.gemm import Fp8BlockwiseStack
 from ._triton import HAVE_TRITON, jit, require_cuda, require_triton, tl, triton
 
@@ -122,8 +122,8 @@ def _grouped_wgrad_kernel(
 
 
 def _to_device_int32(rows: np.ndarray, device) -> torch.Tensor:
-    """Host int32 table -> device, pinned and non-blocking (a pageable copy would synchronize the stream)."""
-    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int32)).pin_memory().to(device, non_blocking=True)
+    """Host int32 table -> device without a stream sync."""
+    return host_to_device(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int32)), device)
 
 
 def _stack(b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]]) -> Fp8BlockwiseStack:

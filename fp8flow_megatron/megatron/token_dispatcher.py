@@ -22,7 +22,7 @@ import torch
 
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from ..numerics.permute import chunk_sort_pad_rows, routing_rows
+from ..numerics.permute import chunk_sort_pad_maps, routing_rows
 from ..ops import dispatch as ops
 from ..ops.telemetry import monitor
 from .config import GEMM_ALIGN
@@ -34,21 +34,6 @@ def _as_list(splits) -> Optional[List[int]]:
     if torch.is_tensor(splits):
         return [int(s) for s in splits.tolist()]
     return [int(s) for s in splits]
-
-
-def _inverse_rows(src_rows: torch.Tensor, n_in: int) -> torch.Tensor:
-    """[n_in, 1]: the output row each input row went to (inputs of a bijective-plus-padding gather)."""
-    inv = torch.full((n_in, 1), -1, dtype=torch.int64, device=src_rows.device)
-    valid = src_rows >= 0
-    inv[src_rows[valid], 0] = torch.nonzero(valid, as_tuple=False).flatten()
-    return inv
-
-
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host index map -> device without synchronizing the stream (pinned staging, non-blocking copy)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -112,11 +97,10 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 per_rank_expert = torch.as_tensor(self.output_splits).reshape(-1, 1)
             if monitor.enabled:
                 monitor.observe_tokens_per_expert(per_rank_expert.sum(dim=0))
-            # Both maps are built on the host (the split sizes are there already) and copied without a stream sync:
-            # a pageable .to(cuda) or a boolean-mask index on the device would stall the host-bound step twice.
-            src2, counts = chunk_sort_pad_rows(per_rank_expert, self.align)
-            dst2 = _inverse_rows(src2, global_tokens.shape[0])
-            src2, dst2 = _to_device(src2, global_tokens.device), _to_device(dst2, global_tokens.device)
+            # The split sizes are on the host already: only the R*L chunk offsets are computed there, the per-row maps
+            # are expanded on the device with no stream sync (building ~100k-row maps on the host measured ~4.7 ms
+            # per step at EP=8, on the critical path between the token all-to-all and the experts).
+            src2, dst2, counts = chunk_sort_pad_maps(per_rank_expert, self.align, global_tokens.device)
             self._src2, self._dst2 = src2, dst2
             global_tokens = ops.permute_rows(global_tokens, src2, dst2)
             global_probs = ops.permute_probs(global_probs, src2)

@@ -78,6 +78,16 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table (index map, split sizes) -> device without synchronizing the stream: pinned staging and a
+    non-blocking copy (a pageable .to(cuda) waits for the stream; the caching host allocator keeps the pinned block
+    alive until the copy is done). Other devices get a plain .to()."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def scale_shape(data_shape, block) -> Tuple[int, int]:
     m, k = data_shape
     return (ceil_div(m, block[0]), ceil_div(k, block[1]))

@@ -7,7 +7,8 @@ Two data movers cover every permutation of the MoE dataflow, each one pass over 
   unpermute_unpad_rows  out[t] = sum_s y[dst_rows[t, s]] (weighted by probs[t, s] if given) over slots s with
                         dst_rows[t, s] >= 0, accumulated in fp32 in slot order. Drops padding rows by never reading
                         them. Used for the BF16 combine and for the BF16 dgrad of the dispatched input.
-The index maps are bookkeeping built from the routing map and split sizes (routing_rows, chunk_sort_pad_rows).
+The index maps are bookkeeping built from the routing map and split sizes (routing_rows, chunk_sort_pad_rows; the
+dispatcher uses chunk_sort_pad_maps, the vectorized form of the latter that also gives the inverse map).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .format import Fp8Blockwise, ROWWISE_1X128, ceil_div
+from .format import Fp8Blockwise, ROWWISE_1X128, ceil_div, host_to_device
 
 
 def _gather_zero_pad(x: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
@@ -141,3 +142,37 @@ def chunk_sort_pad_rows(split_sizes: torch.Tensor, align: int = 1) -> Tuple[torc
         pieces.append(torch.full((padded[ex] - counts[ex],), -1, dtype=torch.int64))
     src_rows = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
     return src_rows, padded
+
+
+def chunk_sort_pad_maps(
+    split_sizes: torch.Tensor, align: int = 1, device: Union[str, torch.device] = "cpu"
+) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """chunk_sort_pad_rows and its inverse, built on `device` without a stream sync (what the EP>1 dispatcher uses).
+
+    split_sizes: host int [R, L] (rows received from rank r for local expert l, stored rank-major).
+    Returns (src_rows [N_pad] int64 on device: the received row of each output row, -1 for padding -- equal to
+             chunk_sort_pad_rows(split_sizes, align)[0];
+             dst_rows [N_in, 1] int64 on device: the output row of each received row (its inverse);
+             padded_counts [L] host ints).
+    Only R*L chunk offsets are computed on the host; the per-row maps are expanded on the device (one
+    repeat_interleave with a host-known output size, one scatter), so no O(rows) host work or pageable copy sits on
+    the step's critical path.
+    """
+    sizes = torch.as_tensor(split_sizes, dtype=torch.int64).cpu()
+    if sizes.dim() != 2:
+        raise ValueError(f"chunk_sort_pad_maps: split_sizes must be [ranks, local experts], got shape {tuple(sizes.shape)}")
+    counts = sizes.sum(dim=0).tolist()
+    padded = pad_counts(counts, align)
+    padded_t = torch.tensor(padded, dtype=torch.int64)
+    chunk_rows = sizes.flatten()  # chunk c = rank * L + expert, in received (rank-major) order
+    src_start = chunk_rows.cumsum(0) - chunk_rows
+    # output start of chunk (r, e): expert e's padded start + the rows earlier ranks sent to e
+    dst_start = ((padded_t.cumsum(0) - padded_t).unsqueeze(0) + (sizes.cumsum(0) - sizes)).flatten()
+    n_in, n_pad = int(chunk_rows.sum()), sum(padded)
+    chunk_rows_dev = host_to_device(chunk_rows, device)
+    shift_dev = host_to_device(dst_start - src_start, device)
+    received = torch.arange(n_in, dtype=torch.int64, device=device)
+    dst = received + torch.repeat_interleave(shift_dev, chunk_rows_dev, output_size=n_in)
+    src = torch.full((n_pad,), -1, dtype=torch.int64, device=device)
+    src[dst] = received
+    return src, dst.unsqueeze(1), padded

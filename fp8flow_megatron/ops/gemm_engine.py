@@ -17,6 +17,7 @@ from typing import List, Sequence
 import torch
 
 from ..numerics import Fp8Blockwise
+from ..numerics.format import host_to_device
 from ..numerics.gemm import fp8_gemm_nt, fp8_grouped_gemm_nt, transpose_128x128
 from .backend import backend_for
 
@@ -119,8 +120,7 @@ class TEGroupedGemm:
         m_total, nb = scale_inv.shape
         device = scale_inv.device
         # pinned + non_blocking: a plain torch.tensor(..., device=cuda) would synchronize the stream on every GEMM
-        m = torch.tensor(list(m_splits), dtype=torch.int64)
-        m = m.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else m
+        m = host_to_device(torch.tensor(list(m_splits), dtype=torch.int64), device)
         sizes = m * nb
         total = m_total * nb
         expert = torch.repeat_interleave(torch.arange(len(m_splits), device=device), sizes, output_size=total)

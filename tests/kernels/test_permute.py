@@ -6,6 +6,7 @@ import torch
 from fp8flow_megatron.kernels import permute_pad_rows_triton, unpermute_unpad_rows_triton
 from fp8flow_megatron.numerics import Fp8Blockwise, quantize_1x128
 from fp8flow_megatron.numerics.permute import (
+    chunk_sort_pad_maps,
     chunk_sort_pad_rows,
     permute_pad_rows,
     routing_rows,
@@ -86,6 +87,22 @@ def test_permute_pad_chunk_sort_map():
     assert_bitwise_equal(got.data.view(torch.uint8), ref.data.view(torch.uint8), "chunk sort codes")
     assert_bitwise_equal(got.scale_inv, ref.scale_inv, "chunk sort scale_inv")
     assert_bitwise_equal(got_p, ref_p, "chunk sort probs")
+
+
+@pytest.mark.parametrize("split_sizes", [[[3, 0, 17], [0, 0, 5], [40, 1, 0]], [[0, 0], [0, 0]], [[0, 900, 0, 0]] * 8])
+def test_chunk_sort_pad_maps_on_cuda_equal_cpu_without_sync(split_sizes):
+    # The EP>1 dispatcher builds these maps between the token all-to-all and the experts; a stream sync there would
+    # stall every step. "error" turns any synchronizing CUDA call inside into an exception.
+    sizes = torch.tensor(split_sizes)
+    ref_src, ref_dst, ref_padded = chunk_sort_pad_maps(sizes, align=16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        src, dst, padded = chunk_sort_pad_maps(sizes, align=16, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert padded == ref_padded
+    assert torch.equal(src.cpu(), ref_src) and torch.equal(dst.cpu(), ref_dst)
 
 
 @pytest.mark.parametrize("slots", ["experts", "topk"])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from fp8flow_megatron.numerics import dequantize, quantize_1x128
 from fp8flow_megatron.numerics.permute import (
+    chunk_sort_pad_maps,
     chunk_sort_pad_rows,
     permute_pad_rows,
     routing_rows,
@@ -60,6 +61,37 @@ def test_chunk_sort_pad_rows_orders_by_expert_then_rank():
     # received rows: r0e0 {0,1}, r0e2 {2}, r1e0 {3,4,5}, r1e1 {6}
     assert padded == [8, 4, 4]
     assert src.tolist() == [0, 1, 3, 4, 5, -1, -1, -1, 6, -1, -1, -1, 2, -1, -1, -1]
+
+
+CHUNK_SPLITS = {
+    "mixed": [[2, 0, 1], [3, 1, 0]],
+    "empty_expert": [[5, 0, 7], [0, 0, 9], [16, 0, 1]],
+    "one_hot_expert": [[0, 40, 0, 0]] * 8,
+    "no_rows": [[0, 0], [0, 0]],
+    "one_rank": [[3, 17, 16, 0]],
+    "aligned": [[16, 32], [48, 0]],
+}
+
+
+@pytest.mark.parametrize("align", [1, 4, 16])
+@pytest.mark.parametrize("name", list(CHUNK_SPLITS))
+def test_chunk_sort_pad_maps_equals_loop_reference_and_inverts(name, align):
+    sizes = torch.tensor(CHUNK_SPLITS[name])
+    src, dst, padded = chunk_sort_pad_maps(sizes, align=align)
+    ref_src, ref_padded = chunk_sort_pad_rows(sizes, align=align)
+    assert padded == ref_padded
+    assert src.dtype == dst.dtype == torch.int64
+    assert src.tolist() == ref_src.tolist()
+    n_in = int(sizes.sum())
+    assert dst.shape == (n_in, 1)
+    # dst is the inverse: every received row lands once, on the output row whose source it is
+    assert sorted(dst.flatten().tolist()) == sorted(i for i, s in enumerate(ref_src.tolist()) if s >= 0)
+    assert all(src[d].item() == i for i, d in enumerate(dst.flatten().tolist()))
+
+
+def test_chunk_sort_pad_maps_rejects_flat_splits():
+    with pytest.raises(ValueError, match=r"\[ranks, local experts\]"):
+        chunk_sort_pad_maps(torch.tensor([1, 2, 3]))
 
 
 def test_weighted_swiglu_forward_and_backward_match_autograd():
