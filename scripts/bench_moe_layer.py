@@ -8,9 +8,11 @@ same weights and inputs. EP=1 on one GPU, or experts spread over N GPUs of one h
 Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn 1408, 2 shared experts, hidden 2048):
   bf16            stock TEGroupedMLP, BF16, TE fused permute
   te_blockwise    stock TEGroupedMLP under TE Float8BlockScaling (E4M3) with megatron's Fp8Padding
-  fp8flow         FP8FlowMoELayer: FP8 dispatch, fused kernels, single-launch Triton grouped GEMMs (the default engine)
+  fp8flow         FP8FlowMoELayer: FP8 dispatch, fused kernels, the default GEMM engine (--moe-fp8-flow-gemm auto:
+                  TE's grouped GEMM with <= 16 local experts, i.e. EP >= 4 here, else the single-launch Triton kernels)
   fp8flow_recomp  the same with --moe-expert-recompute
-  fp8flow_te, fp8flow_recomp_te  the same with TE's grouped GEMM on the pre-quantized FP8 (--moe-fp8-flow-gemm te)
+  fp8flow_triton, fp8flow_te (and fp8flow_recomp_triton / _te)  an engine forced: the Triton kernels, or TE's
+                  grouped GEMM on the pre-quantized FP8
 Reported per variant: median fwd+bwd time (CUDA events), peak memory above the resident tensors, activation memory
 (allocated after forward), standalone quantize/cast/transpose kernel launches per fwd+bwd (torch.profiler, names
 listed), and the relative L2 error of output, input grad, router grad and expert-weight grads vs an fp32 layer.
@@ -87,7 +89,7 @@ def build_layer(variant: str, args):
     )
     cfg.moe_fp8_flow = flow
     cfg.moe_expert_recompute = flow and "recomp" in variant
-    cfg.moe_fp8_flow_gemm = "te" if variant.endswith("_te") else "triton"
+    cfg.moe_fp8_flow_gemm = "te" if variant.endswith("_te") else "triton" if variant.endswith("_triton") else "auto"
     spec = get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
     if flow:
         spec = fp8flow_moe_spec(spec)
@@ -425,7 +427,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size; > 1 under torchrun, one process per GPU")
-    ap.add_argument("--variants", default="bf16,te_blockwise,fp8flow,fp8flow_recomp,fp8flow_te")
+    ap.add_argument("--variants", default="bf16,te_blockwise,fp8flow,fp8flow_recomp,fp8flow_triton,fp8flow_te")
     ap.add_argument("--profile", action="store_true", help="print the top kernels by GPU time per variant")
     ap.add_argument("--write", default=None, help="append the table to this markdown file (rank 0)")
     args = ap.parse_args()

@@ -10,7 +10,8 @@ Modes (everything else comes from the config):
                                                       fp8_format/fp8_recipe), megatron's FP8 padding
   fp8flow       (the config as is)                    FP8-Flow routed experts; dense layers under the same TE recipe
   fp8flow_recomp  --moe-expert-recompute              the same with expert-level recompute
-  fp8flow_te    --moe-fp8-flow-gemm te                FP8-Flow with TE's grouped GEMM instead of the Triton kernels
+  fp8flow_triton  --moe-fp8-flow-gemm triton          FP8-Flow with the engine forced (the default, auto, picks by the
+  fp8flow_te    --moe-fp8-flow-gemm te                number of local experts)
 Each mode is a separate process (a fresh CUDA context, so peak memory is per mode). tokens/s is the median over the
 logged intervals after the first one (which holds start-up and autotuning).
 """
@@ -30,6 +31,7 @@ MODES = {
     "te_blockwise": ["--no-moe-fp8-flow"],
     "fp8flow": [],
     "fp8flow_recomp": ["--moe-expert-recompute"],
+    "fp8flow_triton": ["--moe-fp8-flow-gemm", "triton"],
     "fp8flow_te": ["--moe-fp8-flow-gemm", "te"],
 }
 

@@ -5,6 +5,7 @@ Flags (Megatron style, usable as Megatron-LM's extra_args_provider):
   --moe-expert-recompute   Expert-level recompute: keep only the FP8 fc1 input and recompute fc1 -> SwiGLU in backward
                            (the `moe_expert` recompute module of upstream PR Megatron-LM#2764, as a flag because
                            megatron-core 0.16 rejects unknown --recompute-modules entries).
+  --moe-fp8-flow-gemm      auto | triton | te: who runs the experts' FP8 grouped GEMMs on CUDA.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..ops.gemm_engine import GEMM_ENGINES
+
 GEMM_ALIGN = 16  # TE's blockwise GEMM needs every non-empty expert's rows to be a multiple of 8; 16 as megatron pads
 BLOCK = 128
 
 
-# "triton": one Triton launch per grouped GEMM for all experts; "te": TE's grouped GEMM (one cuBLASLt call per expert).
-# Triton is the default because it measured 1.7x faster per MoE layer on an H100 (BENCHMARKS.md): TE's per-expert
-# calls make the layer host-bound on released TE / cuBLAS 13.1.
-GEMM_ENGINES = ("triton", "te")
-DEFAULT_GEMM = "triton"
+# "triton": one Triton launch per grouped GEMM for all experts; "te": TE's grouped GEMM (one cuBLASLt call per expert);
+# "auto" (default): te for a layer with <= 16 local experts, else triton -- each where it measured faster
+# (ops.gemm_engine.resolve_gemm_engine, BENCHMARKS.md).
+DEFAULT_GEMM = "auto"
 
 
 class FP8FlowConfigError(ValueError):
@@ -79,9 +81,10 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             "--moe-fp8-flow-gemm",
             choices=GEMM_ENGINES,
             default=DEFAULT_GEMM,
-            help="With --moe-fp8-flow on CUDA: who runs the experts' blockwise-FP8 grouped GEMMs. triton (default): "
+            help="With --moe-fp8-flow on CUDA: who runs the experts' blockwise-FP8 grouped GEMMs. triton: "
             "fp8flow_megatron's kernels, one launch per GEMM for all experts; te: TransformerEngine's grouped GEMM "
-            "(one cuBLASLt call per expert). Both read the same FP8 operands.",
+            "(one cuBLASLt call per expert); auto (default): te when a layer holds <= 16 local experts (e.g. 64 "
+            "experts at EP>=4), else triton. All read the same FP8 operands.",
         )
     return parser
 
@@ -121,8 +124,8 @@ def validation_errors(src: Any) -> List[str]:
 
     need(
         fp8_flow.gemm in GEMM_ENGINES,
-        f"--moe-fp8-flow-gemm is {fp8_flow.gemm!r}. Fix: --moe-fp8-flow-gemm triton (default) or te "
-        f"(YAML moe_fp8_flow_gemm: triton).",
+        f"--moe-fp8-flow-gemm is {fp8_flow.gemm!r}. Fix: --moe-fp8-flow-gemm auto (default), triton or te "
+        f"(YAML moe_fp8_flow_gemm: auto).",
     )
     fmt = _get(src, "fp8", "fp8_format")
     need(

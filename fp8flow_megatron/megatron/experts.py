@@ -9,6 +9,7 @@ plain tensor (flag off), it is TEGroupedMLP.forward.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -18,8 +19,11 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
 from ..ops.experts import WeightQuantCache, fp8_flow_experts
+from ..ops.gemm_engine import resolve_gemm_engine
 from .config import FP8FlowConfig
 from ..ops.fp8_tensor import Fp8FlowTensor
+
+log = logging.getLogger(__name__)
 
 
 class FP8FlowGroupedMLP(TEGroupedMLP):
@@ -30,7 +34,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             pg_collection = get_default_pg_collection()
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         self.expert_recompute = bool(getattr(config, "moe_expert_recompute", False))
-        self.gemm_engine = FP8FlowConfig.from_source(config).gemm
+        requested = FP8FlowConfig.from_source(config).gemm
+        self.gemm_engine = resolve_gemm_engine(requested, num_local_experts)
+        if requested != self.gemm_engine:
+            log.info("fp8flow: --moe-fp8-flow-gemm %s -> %s for %d local experts", requested, self.gemm_engine, num_local_experts)
         self._weight_cache = WeightQuantCache()
 
     def _weights(self, linear):

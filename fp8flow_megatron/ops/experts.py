@@ -68,7 +68,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
     def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, *weights):
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
-        b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name)
+        b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name, num_experts)
         x_q = x.fp8
         out_dtype = x.dtype
         w1_q = cache.get_group(w1, engine)
@@ -89,7 +89,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_q, probs = _unpack(saved[0], saved[1]), saved[2]
         rest = saved[3:]
-        b, engine = backend_for(grad_y2.device), gemm_engine_for(grad_y2.device, ctx.engine_name)
+        b, engine = backend_for(grad_y2.device), gemm_engine_for(grad_y2.device, ctx.engine_name, ctx.num_experts)
         m_splits, out_dtype = ctx.m_splits, ctx.out_dtype
         if ctx.recompute:
             weights = rest
@@ -123,7 +123,7 @@ def fp8_flow_experts(
     fc2_weights: Sequence[torch.Tensor],
     recompute: bool = False,
     cache: WeightQuantCache = None,
-    gemm_engine: str = "triton",
+    gemm_engine: str = "auto",
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -131,8 +131,8 @@ def fp8_flow_experts(
     probs:       [N] fp32 routing weights (0 on padding rows); receives a gradient.
     m_splits:    rows per expert (python ints, summing to N).
     fc1_weights: per expert [2F, H] (gate rows first); fc2_weights: per expert [H, F].
-    gemm_engine: "triton" (one launch per GEMM for all experts) or "te" (TE's grouped GEMM); CPU always runs the
-                 reference.
+    gemm_engine: "triton" (one launch per GEMM for all experts), "te" (TE's grouped GEMM) or "auto" (by the number
+                 of experts: ops.gemm_engine.resolve_gemm_engine); CPU always runs the reference.
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):

@@ -216,7 +216,21 @@ class TritonGroupedGemm:
         return list(fp8_grouped_wgrad_triton(g_q, x_q, m_splits, dtype).unbind(0))
 
 
-GEMM_ENGINES = ("te", "triton")
+GEMM_ENGINES = ("auto", "triton", "te")
+# "auto" picks by the number of local experts, from the layer benchmarks in BENCHMARKS.md (DeepSeek-V2-Lite MoE layer,
+# 16k tokens per GPU): with 64 local experts (EP=1) the Triton engine was 1.7x faster than TE's, whose one cuBLASLt
+# call per expert makes the layer host-bound; with 16 (EP=4) and 8 (EP=8) TE's was 1.11x and 1.15x faster -- few
+# calls, and cuBLAS's FP8 kernels beat ours on the GPU at ~12k rows per expert.
+AUTO_TE_MAX_LOCAL_EXPERTS = 16
+
+
+def resolve_gemm_engine(name: str, num_local_experts: int) -> str:
+    """The concrete engine ("triton" or "te") for a --moe-fp8-flow-gemm value and a layer's local expert count."""
+    if name not in GEMM_ENGINES:
+        raise ValueError(f"unknown FP8-Flow GEMM engine {name!r}; choose one of {GEMM_ENGINES}")
+    if name != "auto":
+        return name
+    return "te" if num_local_experts <= AUTO_TE_MAX_LOCAL_EXPERTS and te_available() else "triton"
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,11 +238,11 @@ def _te_engine():
     return TEGroupedGemm()
 
 
-def gemm_engine_for(device: torch.device, name: str = "te"):
-    """On CUDA: TE's grouped GEMM ("te", default; a TE outside the supported range raises with the fix; without TE
-    the reference) or the single-launch Triton kernels ("triton"). On CPU: the reference (the numerics spec)."""
-    if name not in GEMM_ENGINES:
-        raise ValueError(f"unknown FP8-Flow GEMM engine {name!r}; choose one of {GEMM_ENGINES}")
+def gemm_engine_for(device: torch.device, name: str = "te", num_local_experts: int = 0):
+    """On CUDA: TE's grouped GEMM ("te"; a TE outside the supported range raises with the fix; without TE the
+    reference), the single-launch Triton kernels ("triton"), or "auto" (resolve_gemm_engine). On CPU: the reference
+    (the numerics spec)."""
+    name = resolve_gemm_engine(name, num_local_experts)
     if torch.device(device).type != "cuda":
         return ReferenceGemm()
     if name == "triton":

@@ -42,7 +42,7 @@ def test_good_config_validates():
         ({"num_moe_experts": None}, "MoE", "--num-experts"),
         ({"recompute_modules": ["moe_act"]}, "moe_act", "--moe-expert-recompute"),
         ({"moe_latent_size": 256}, "--moe-latent-size", "remove"),
-        ({"moe_fp8_flow_gemm": "cublas"}, "--moe-fp8-flow-gemm is 'cublas'", "--moe-fp8-flow-gemm triton"),
+        ({"moe_fp8_flow_gemm": "cublas"}, "--moe-fp8-flow-gemm is 'cublas'", "--moe-fp8-flow-gemm auto"),
     ],
 )
 def test_each_validation_error_names_flag_and_fix(change, flag_in_message, fix_in_message):
@@ -86,7 +86,8 @@ def test_flags_parse_and_chain():
     assert a.moe_fp8_flow and a.moe_expert_recompute
     assert not p.parse_args([]).moe_fp8_flow
     # the GEMM engine: triton by default, te selectable, anything else rejected by argparse
-    assert p.parse_args([]).moe_fp8_flow_gemm == "triton"
+    assert p.parse_args([]).moe_fp8_flow_gemm == "auto"
+    assert p.parse_args(["--moe-fp8-flow-gemm", "triton"]).moe_fp8_flow_gemm == "triton"
     assert p.parse_args(["--moe-fp8-flow-gemm", "te"]).moe_fp8_flow_gemm == "te"
     with pytest.raises(SystemExit):
         p.parse_args(["--moe-fp8-flow-gemm", "cublas"])
@@ -99,7 +100,7 @@ def test_gemm_engine_reaches_the_transformer_config():
 
     config = apply_to_transformer_config(SimpleNamespace(), FP8FlowConfig.from_source(argparse.Namespace(**GOOD, moe_fp8_flow_gemm="te")))
     assert config.moe_fp8_flow_gemm == "te" and config.moe_fp8_flow
-    assert FP8FlowConfig.from_source(argparse.Namespace(**GOOD)).gemm == "triton"  # absent -> the default
+    assert FP8FlowConfig.from_source(argparse.Namespace(**GOOD)).gemm == "auto"  # absent -> the default
 
 
 def test_existing_upstream_flag_is_not_added_again():

@@ -24,3 +24,23 @@ def test_reference_engine_wgrad_of_empty_expert_is_zero():
     dw = ReferenceGemm().wgrad(g, x, [0, 16, 0], torch.float32)
     assert [tuple(t.shape) for t in dw] == [(128, 256)] * 3
     assert float(dw[0].abs().sum()) == 0 and float(dw[2].abs().sum()) == 0 and float(dw[1].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("te", [True, False])
+@pytest.mark.parametrize("local_experts,expected_with_te", [(64, "triton"), (32, "triton"), (16, "te"), (8, "te"), (1, "te")])
+def test_auto_engine_picks_by_local_experts(monkeypatch, te, local_experts, expected_with_te):
+    from fp8flow_megatron.ops import gemm_engine
+
+    monkeypatch.setattr(gemm_engine, "te_available", lambda: te)
+    got = gemm_engine.resolve_gemm_engine("auto", local_experts)
+    assert got == (expected_with_te if te else "triton")  # no TE: the Triton kernels, never a silent reference
+    assert gemm_engine.resolve_gemm_engine("triton", local_experts) == "triton"
+    assert gemm_engine.resolve_gemm_engine("te", local_experts) == "te"
+
+
+def test_unknown_engine_is_refused_with_the_choices():
+    from fp8flow_megatron.ops.gemm_engine import gemm_engine_for
+
+    with pytest.raises(ValueError, match=r"'cublas'.*auto.*triton.*te"):
+        gemm_engine_for(torch.device("cpu"), "cublas")
+    assert isinstance(gemm_engine_for(torch.device("cpu"), "auto", 8), ReferenceGemm)  # CPU: always the spec

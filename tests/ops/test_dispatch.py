@@ -1,0 +1,43 @@
+"""ops.dispatch's packed all-to-all: several row-aligned tensors (FP8 codes, fp32 scales, probs, BF16 grads) go out as
+one byte buffer and come back apart, bit for bit. The exchange across real ranks is covered end to end by
+tests/megatron/test_moe_layer_ep.py (EP=4/8 bit-identical to EP=1); here a one-rank group, where megatron's
+all_to_all returns its input, isolates the packing."""
+
+import pytest
+import torch
+
+from fp8flow_megatron.numerics import quantize_1x128
+from fp8flow_megatron.ops import dispatch
+from fp8flow_megatron.ops.fp8_tensor import Fp8FlowTensor
+
+
+class _OneRankGroup:
+    def size(self):
+        return 1
+
+
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_packed_rows_round_trip_bitwise(rows):
+    g = torch.Generator().manual_seed(rows)
+    codes = torch.randint(0, 256, (rows, 256), dtype=torch.uint8, generator=g)
+    scales = torch.rand(rows, 2, generator=g)
+    probs = torch.rand(rows, 1, generator=g)
+    grad = torch.randn(rows, 256, generator=g).bfloat16()
+    parts = [codes, scales, probs, grad]
+    out = dispatch._all_to_all_rows(parts, _OneRankGroup(), [rows], [rows])
+    for got, ref in zip(out, parts):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_tokens_probs_all_to_all_forward_and_backward_keep_fp8_and_grads():
+    x = torch.randn(6, 256)
+    fp8 = Fp8FlowTensor(quantize_1x128(x), torch.bfloat16)
+    probs = torch.rand(6, requires_grad=True)
+    tokens, probs_out = dispatch.all_to_all_tokens_probs(fp8, probs, _OneRankGroup(), [6], [6])
+    assert isinstance(tokens, Fp8FlowTensor)
+    assert torch.equal(tokens.fp8.data.view(torch.uint8), fp8.fp8.data.view(torch.uint8))
+    assert torch.equal(tokens.fp8.scale_inv, fp8.fp8.scale_inv)
+    assert torch.equal(probs_out, probs)
+    (probs_out * torch.arange(6.0)).sum().backward()
+    assert torch.equal(probs.grad, torch.arange(6.0))
