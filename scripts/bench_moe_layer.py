@@ -9,7 +9,7 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   bf16            stock TEGroupedMLP, BF16, TE fused permute
   te_blockwise    stock TEGroupedMLP under TE Float8BlockScaling (E4M3) with megatron's Fp8Padding
   fp8flow         FP8FlowMoELayer: FP8 dispatch, fused kernels, the default GEMM engine (--moe-fp8-flow-gemm auto:
-                  TE's grouped GEMM with <= 16 local experts, i.e. EP >= 4 here, else the single-launch Triton kernels)
+                  TE's grouped GEMM with <= 32 local experts, i.e. EP >= 2 here, else the single-launch Triton kernels)
   fp8flow_recomp  the same with --moe-expert-recompute
   fp8flow_triton, fp8flow_te (and fp8flow_recomp_triton / _te)  an engine forced: the Triton kernels, or TE's
                   grouped GEMM on the pre-quantized FP8

@@ -23,7 +23,7 @@ BLOCK = 128
 
 
 # "triton": one Triton launch per grouped GEMM for all experts; "te": TE's grouped GEMM (one cuBLASLt call per expert);
-# "auto" (default): te for a layer with <= 16 local experts, else triton -- each where it measured faster
+# "auto" (default): te for a layer with <= 32 local experts, else triton -- each where it measured faster
 # (ops.gemm_engine.resolve_gemm_engine, BENCHMARKS.md).
 DEFAULT_GEMM = "auto"
 
@@ -83,8 +83,8 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             default=DEFAULT_GEMM,
             help="With --moe-fp8-flow on CUDA: who runs the experts' blockwise-FP8 grouped GEMMs. triton: "
             "fp8flow_megatron's kernels, one launch per GEMM for all experts; te: TransformerEngine's grouped GEMM "
-            "(one cuBLASLt call per expert); auto (default): te when a layer holds <= 16 local experts (e.g. 64 "
-            "experts at EP>=4), else triton. All read the same FP8 operands.",
+            "(one cuBLASLt call per expert); auto (default): te when a layer holds <= 32 local experts (e.g. 64 "
+            "experts at EP>=2), else triton. All read the same FP8 operands.",
         )
     return parser
 

@@ -6,8 +6,8 @@ recompute and the A2A-overlap scheduler drive it unchanged. What it changes:
 
   dispatch_preprocess  quantize 1x128 (cast #1) -> permute codes + scales + probs. With EP=1 the permute writes the
                        final padded expert-major layout directly (permute + pad in one pass).
-  token_dispatch       one all-to-all of FP8 codes (1 byte/element) + fp32 scales (4 bytes per 128 elements) + probs,
-                       packed row by row into one byte buffer (one rendezvous of the EP ranks instead of three).
+  token_dispatch       all-to-all of FP8 codes (1 byte/element), and one of fp32 scales (4 bytes per 128 elements) +
+                       probs packed row by row: two rendezvous of the EP ranks, as stock megatron, not three.
   dispatch_postprocess chunk sort [rank][expert] -> [expert][rank] fused with padding each local expert to a multiple
                        of 16 rows (the blockwise GEMM alignment). The experts get an Fp8FlowTensor, padded
                        tokens_per_expert (host int64) and padded probs (0 on padding rows).
@@ -77,7 +77,7 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self._direct:
             return permuted_tokens, permuted_probs
         out_splits, in_splits = _as_list(self.output_splits), _as_list(self.input_splits)
-        # codes + scales + probs in one collective (stock megatron: tokens and probs in two)
+        # codes, then scales + probs packed: two collectives, as stock megatron's tokens and probs
         return ops.all_to_all_tokens_probs(permuted_tokens, permuted_probs, self.ep_group, out_splits, in_splits)
 
     def dispatch_postprocess(self, global_tokens, global_probs):

@@ -124,34 +124,39 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
-def _row_bytes(t: torch.Tensor) -> torch.Tensor:
-    """[N, ...] -> uint8 [N, bytes per row] (a view of the contiguous tensor)."""
-    t = t.contiguous()
-    width = math.prod(t.shape[1:]) * t.element_size()
-    return t.view(torch.uint8).view(t.shape[0], width)
+def _row_words(parts):
+    """Each part as [N, words] of one word dtype (int32 when every row is a multiple of 4 bytes, else bytes): views of
+    the contiguous tensors, so they can be concatenated along the row in one kernel."""
+    parts = [p.contiguous() for p in parts]
+    widths = [math.prod(p.shape[1:]) * p.element_size() for p in parts]
+    word = torch.int32 if all(w % 4 == 0 for w in widths) else torch.uint8
+    size = torch.tensor([], dtype=word).element_size()
+    return [p.view(torch.uint8).view(p.shape[0], w).view(word) for p, w in zip(parts, widths)], [w // size for w in widths]
 
 
 def _all_to_all_rows(parts, group, output_splits: Sequence[int], input_splits: Sequence[int]):
-    """All-to-all of several tensors that share their row split, as ONE collective: the rows are packed side by side
-    into a byte buffer [N, sum of row bytes] (one concat kernel), exchanged, and cut apart (one copy per part).
+    """All-to-all of tensors that share their row split: parts[0] (the bulk: FP8 codes or a token gradient) goes
+    alone, zero-copy; the small rest (fp32 scales, probs, prob gradients) is packed row by row into one buffer and goes
+    in a second collective.
 
-    Why: each all-to-all is a rendezvous of every EP rank; the FP8 payload is two tensors (codes + scales) and the
-    dispatch adds the probs, so unpacked it takes 3 collectives where stock megatron takes 2 (measured at EP=8: 8 vs
-    6 per fwd+bwd, more NCCL time than stock despite 0.52x the dispatch bytes). The copies cost ~2 bytes of HBM
-    traffic per byte sent.
+    Why: every all-to-all is a rendezvous of the EP ranks, and unpacked the FP8 dispatch would take 3 (codes, scales,
+    probs) where stock megatron takes 2. Packing the bulk too was measured slower at EP=8 (H200): the concat and the
+    slicing copies of ~200-400 MB per exchange cost ~3.6 ms per fwd+bwd, more than the collectives they saved.
     """
     from megatron.core.tensor_parallel.mappings import all_to_all
 
-    if len(parts) == 1:
-        return [all_to_all(group, parts[0].contiguous(), output_splits, input_splits)]
-    rows = [_row_bytes(p) for p in parts]
-    received = all_to_all(group, torch.cat(rows, dim=1), output_splits, input_splits)
-    out, col = [], 0
-    for p, r in zip(parts, rows):
-        width = r.shape[1]
-        piece = received[:, col : col + width].contiguous()
-        out.append(piece.view(p.dtype).view((received.shape[0],) + tuple(p.shape[1:])))
-        col += width
+    bulk, small = parts[0], parts[1:]
+    out = [all_to_all(group, bulk.contiguous(), output_splits, input_splits)]
+    if len(small) == 1:
+        out.append(all_to_all(group, small[0].contiguous(), output_splits, input_splits))
+    elif small:
+        words, widths = _row_words(small)
+        received = all_to_all(group, torch.cat(words, dim=1), output_splits, input_splits)
+        col = 0
+        for p, w in zip(small, widths):
+            piece = received[:, col : col + w].contiguous()
+            out.append(piece.view(torch.uint8).view(p.dtype).view((received.shape[0],) + tuple(p.shape[1:])))
+            col += w
     return out
 
 
@@ -168,8 +173,8 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x: torch.Tensor, group, output_splits: Optional[Sequence[int]], input_splits: Optional[Sequence[int]]):
-    """Megatron's all_to_all for BF16 tensors and FP8 payloads (codes + fp32 scales packed into one collective: 1 +
-    4/128 bytes per element); the backward moves the gradient the same way, FP8 if it is FP8."""
+    """Megatron's all_to_all for BF16 tensors and FP8 payloads (codes, then fp32 scales: 1 + 4/128 bytes per
+    element); the backward moves the gradient the same way, FP8 if it is FP8."""
     return _AllToAll.apply(x, group, output_splits, input_splits)
 
 
@@ -199,7 +204,8 @@ class _AllToAllTokensProbs(torch.autograd.Function):
 
 def all_to_all_tokens_probs(x: torch.Tensor, probs: torch.Tensor, group, output_splits, input_splits):
     """The dispatch all-to-all: tokens x [N, H] (an FP8 payload or a plain tensor) and their routing probs [N] (rows
-    aligned with x) in one collective; the backward returns both gradients in one collective too."""
+    aligned with x). Two collectives, as stock megatron: the FP8 codes, and the scales + probs packed together; the
+    backward returns the token gradient and the prob gradient in two."""
     return _AllToAllTokensProbs.apply(x, probs, group, output_splits, input_splits)
 
 

@@ -218,10 +218,10 @@ class TritonGroupedGemm:
 
 GEMM_ENGINES = ("auto", "triton", "te")
 # "auto" picks by the number of local experts, from the layer benchmarks in BENCHMARKS.md (DeepSeek-V2-Lite MoE layer,
-# 16k tokens per GPU): with 64 local experts (EP=1) the Triton engine was 1.7x faster than TE's, whose one cuBLASLt
-# call per expert makes the layer host-bound; with 16 (EP=4) and 8 (EP=8) TE's was 1.11x and 1.15x faster -- few
-# calls, and cuBLAS's FP8 kernels beat ours on the GPU at ~12k rows per expert.
-AUTO_TE_MAX_LOCAL_EXPERTS = 16
+# 16k tokens per GPU): with 64 local experts (EP=1, H100) the Triton engine was 1.7x faster than TE's, whose one
+# cuBLASLt call per expert makes the layer host-bound; with 32, 16 and 8 (EP=2, 4, 8 on H200) TE's was 1.12x, 1.12x
+# and 1.15x faster -- fewer calls, and cuBLAS's FP8 kernels beat ours on the GPU at 3k-12k rows per expert.
+AUTO_TE_MAX_LOCAL_EXPERTS = 32
 
 
 def resolve_gemm_engine(name: str, num_local_experts: int) -> str:

@@ -1,5 +1,6 @@
-"""ops.dispatch's packed all-to-all: several row-aligned tensors (FP8 codes, fp32 scales, probs, BF16 grads) go out as
-one byte buffer and come back apart, bit for bit. The exchange across real ranks is covered end to end by
+"""ops.dispatch's all-to-all of row-aligned tensors: the bulk (FP8 codes, a token gradient) goes alone and the small
+rest (fp32 scales, probs, prob gradients) is packed into one buffer of 4-byte words (bytes when a row is not a multiple
+of 4 bytes); everything comes back apart, bit for bit. The exchange across real ranks is covered end to end by
 tests/megatron/test_moe_layer_ep.py (EP=4/8 bit-identical to EP=1); here a one-rank group, where megatron's
 all_to_all returns its input, isolates the packing."""
 
@@ -16,14 +17,17 @@ class _OneRankGroup:
         return 1
 
 
+@pytest.mark.parametrize("odd_width", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 37])
-def test_packed_rows_round_trip_bitwise(rows):
+def test_packed_rows_round_trip_bitwise(rows, odd_width):
     g = torch.Generator().manual_seed(rows)
     codes = torch.randint(0, 256, (rows, 256), dtype=torch.uint8, generator=g)
     scales = torch.rand(rows, 2, generator=g)
     probs = torch.rand(rows, 1, generator=g)
     grad = torch.randn(rows, 256, generator=g).bfloat16()
     parts = [codes, scales, probs, grad]
+    if odd_width:  # a 2-byte row: the packed buffer falls back to bytes
+        parts.append(torch.randn(rows, 1, generator=g).bfloat16())
     out = dispatch._all_to_all_rows(parts, _OneRankGroup(), [rows], [rows])
     for got, ref in zip(out, parts):
         assert got.dtype == ref.dtype and got.shape == ref.shape

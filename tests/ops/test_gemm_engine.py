@@ -27,7 +27,7 @@ def test_reference_engine_wgrad_of_empty_expert_is_zero():
 
 
 @pytest.mark.parametrize("te", [True, False])
-@pytest.mark.parametrize("local_experts,expected_with_te", [(64, "triton"), (32, "triton"), (16, "te"), (8, "te"), (1, "te")])
+@pytest.mark.parametrize("local_experts,expected_with_te", [(64, "triton"), (33, "triton"), (32, "te"), (16, "te"), (8, "te"), (1, "te")])
 def test_auto_engine_picks_by_local_experts(monkeypatch, te, local_experts, expected_with_te):
     from fp8flow_megatron.ops import gemm_engine
 
