@@ -154,7 +154,9 @@ def _all_to_all_rows(parts, group, output_splits: Sequence[int], input_splits: S
         received = all_to_all(group, torch.cat(words, dim=1), output_splits, input_splits)
         col = 0
         for p, w in zip(small, widths):
-            piece = received[:, col : col + w].contiguous()
+            # flat first: a one-row slice counts as contiguous but keeps the buffer's row stride, which a dtype view
+            # refuses
+            piece = received[:, col : col + w].contiguous().view(-1)
             out.append(piece.view(torch.uint8).view(p.dtype).view((received.shape[0],) + tuple(p.shape[1:])))
             col += w
     return out
