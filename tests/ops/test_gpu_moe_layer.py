@@ -128,9 +128,13 @@ def test_triton_gemm_engine_layer_matches_te_engine(megatron_gpu):
     te_cfg = moe_config(True)
     te_cfg.moe_fp8_flow_gemm = "te"
     te_layer = moe_layer(te_cfg).cuda()
-    triton_layer = moe_layer(moe_config(True)).cuda()  # the default engine
+    triton_cfg = moe_config(True)
+    triton_cfg.moe_fp8_flow_gemm = "triton"
+    triton_layer = moe_layer(triton_cfg).cuda()
     triton_layer.load_state_dict(te_layer.state_dict())
     assert triton_layer.experts.gemm_engine == "triton" and te_layer.experts.gemm_engine == "te"
+    # the default, auto, takes TE's grouped GEMM for this layer's 4 local experts (<= 32)
+    assert moe_layer(moe_config(True)).experts.gemm_engine == "te"
     x = torch.randn(256, 2, 128, device="cuda")
     g = torch.linspace(-1, 1, x.numel(), device="cuda").view_as(x)
     errs = {name: rel(u, v) for name, u, v in zip(("out", "dx", "drouter"), run_layer(triton_layer, x, g), run_layer(te_layer, x, g))}
