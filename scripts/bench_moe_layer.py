@@ -286,7 +286,12 @@ def profile_kernels(variant, layer, fp8, x, g, iters, args, median_ms):
     show = args.profile and dist.get_rank() == 0
     if show:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
-    cuda_events = [evt for evt in prof.events() if evt.device_type == torch.autograd.DeviceType.CUDA]
+    # The profiler also reports each collective as a device-side range named "nccl:<op>" (record_param_comms) with
+    # the same duration as its ncclDevKernel_*; counting both doubled the NCCL times (a2a ms before this filter).
+    cuda_events = [
+        evt for evt in prof.events()
+        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith("nccl:")
+    ]  # fmt: skip
     launches = Counter(evt.name for evt in cuda_events)
     kernel_us = Counter()
     for evt in cuda_events:
