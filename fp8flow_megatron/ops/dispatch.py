@@ -184,7 +184,7 @@ class _AllToAllTokensProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, group, output_splits, input_splits):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
-        ctx.x_shape, ctx.x_dtype, ctx.probs_shape = x.shape, x.dtype, probs.shape
+        ctx.x_shape, ctx.x_dtype, ctx.probs_shape, ctx.probs_dtype = x.shape, x.dtype, probs.shape, probs.dtype
         parts = _payload_parts(x)
         out = _all_to_all_rows(parts + [_as_rows(probs)], group, output_splits, input_splits)
         return _payload_from_parts(x, out[:-1]), out[-1].reshape((out[-1].shape[0],) + tuple(probs.shape[1:]))
@@ -195,7 +195,7 @@ class _AllToAllTokensProbs(torch.autograd.Function):
         if grad_x is None:
             grad_x = torch.zeros((n_out,) + tuple(ctx.x_shape[1:]), dtype=ctx.x_dtype, device=grad_probs.device)
         if grad_probs is None:
-            grad_probs = torch.zeros((n_out,) + tuple(ctx.probs_shape[1:]), dtype=torch.float32, device=grad_x.device)
+            grad_probs = torch.zeros((n_out,) + tuple(ctx.probs_shape[1:]), dtype=ctx.probs_dtype, device=grad_x.device)
         parts = _payload_parts(grad_x)
         out = _all_to_all_rows(
             parts + [_as_rows(grad_probs)], ctx.group, ctx.input_splits, ctx.output_splits

@@ -45,3 +45,12 @@ def test_tokens_probs_all_to_all_forward_and_backward_keep_fp8_and_grads():
     assert torch.equal(probs_out, probs)
     (probs_out * torch.arange(6.0)).sum().backward()
     assert torch.equal(probs.grad, torch.arange(6.0))
+
+
+def test_tokens_probs_all_to_all_backward_with_one_output_unused():
+    x = torch.randn(5, 256, requires_grad=True)
+    probs = torch.rand(5, requires_grad=True)
+    tokens, _ = dispatch.all_to_all_tokens_probs(x, probs, _OneRankGroup(), [5], [5])
+    (tokens * 2).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    assert probs.grad is None or not probs.grad.any()
