@@ -129,8 +129,7 @@ def _row_words(parts):
     the contiguous tensors, so they can be concatenated along the row in one kernel."""
     parts = [p.contiguous() for p in parts]
     widths = [math.prod(p.shape[1:]) * p.element_size() for p in parts]
-    word = torch.int32 if all(w % 4 == 0 for w in widths) else torch.uint8
-    size = torch.tensor([], dtype=word).element_size()
+    word, size = (torch.int32, 4) if all(w % 4 == 0 for w in widths) else (torch.uint8, 1)
     return [p.view(torch.uint8).view(p.shape[0], w).view(word) for p, w in zip(parts, widths)], [w // size for w in widths]
 
 
@@ -184,23 +183,15 @@ class _AllToAllTokensProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, group, output_splits, input_splits):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
-        ctx.x_shape, ctx.x_dtype, ctx.probs_shape, ctx.probs_dtype = x.shape, x.dtype, probs.shape, probs.dtype
-        parts = _payload_parts(x)
-        out = _all_to_all_rows(parts + [_as_rows(probs)], group, output_splits, input_splits)
+        out = _all_to_all_rows(_payload_parts(x) + [_as_rows(probs)], group, output_splits, input_splits)
         return _payload_from_parts(x, out[:-1]), out[-1].reshape((out[-1].shape[0],) + tuple(probs.shape[1:]))
 
     @staticmethod
     def backward(ctx, grad_x, grad_probs):
-        n_out = sum(ctx.output_splits) if ctx.output_splits is not None else ctx.x_shape[0]
-        if grad_x is None:
-            grad_x = torch.zeros((n_out,) + tuple(ctx.x_shape[1:]), dtype=ctx.x_dtype, device=grad_probs.device)
-        if grad_probs is None:
-            grad_probs = torch.zeros((n_out,) + tuple(ctx.probs_shape[1:]), dtype=ctx.probs_dtype, device=grad_x.device)
-        parts = _payload_parts(grad_x)
-        out = _all_to_all_rows(
-            parts + [_as_rows(grad_probs)], ctx.group, ctx.input_splits, ctx.output_splits
-        )
-        probs_grad = out[-1].reshape((out[-1].shape[0],) + tuple(ctx.probs_shape[1:]))
+        # autograd materializes a zero gradient for an output that received none, so both are tensors here
+        parts = _payload_parts(grad_x) + [_as_rows(grad_probs)]
+        out = _all_to_all_rows(parts, ctx.group, ctx.input_splits, ctx.output_splits)
+        probs_grad = out[-1].reshape((out[-1].shape[0],) + tuple(grad_probs.shape[1:]))
         return _payload_from_parts(grad_x, out[:-1]), probs_grad, None, None, None
 
 

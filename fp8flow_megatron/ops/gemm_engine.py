@@ -68,7 +68,9 @@ def _te():
     return tex, general_grouped_gemm, Float8BlockQuantizer, Float8BlockwiseQTensorStorage
 
 
+@functools.lru_cache(maxsize=None)
 def te_available() -> bool:
+    # cached: `auto` asks on every expert forward/backward, and a failed import is not cached by _te's lru_cache
     try:
         _te()
         return True
