@@ -4,6 +4,7 @@ TransformerEngine's own op where one exists.
 
     python scripts/bench_kernels.py                                  # every shape; writes BENCHMARKS.md
     python scripts/bench_kernels.py --shapes v2lite-4k --no-md       # one shape, table only
+    python scripts/bench_kernels.py --kernels weight_quant --no-md    # 128x128 weight quantization only
 
 Timing: CUDA events around each call, median of --iters after --warmup calls, inputs rotated over enough sets to
 exceed 3x the L2 cache. Before every timed call the stream is given a spin kernel long enough for the host to queue
@@ -31,8 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fp8flow_megatron import kernels  # noqa: E402
-from fp8flow_megatron.numerics import Fp8Blockwise, quantize_1x128, scaling_aware_transpose  # noqa: E402
+from fp8flow_megatron.numerics import (  # noqa: E402
+    Fp8Blockwise,
+    quantize_1x128,
+    quantize_128x128,
+    scaling_aware_transpose,
+)
 from fp8flow_megatron.numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, scale_from_amax  # noqa: E402
+from fp8flow_megatron.numerics.gemm import Fp8BlockwiseStack  # noqa: E402
 from fp8flow_megatron.numerics.permute import permute_pad_rows, routing_rows, unpermute_unpad_rows  # noqa: E402
 from fp8flow_megatron.numerics.swiglu import weighted_swiglu_quant, weighted_swiglu_quant_backward  # noqa: E402
 
@@ -107,6 +114,13 @@ def naive_unpermute_unpad(y, dst_rows, probs):
         rows = y.index_select(0, idx.clamp(min=0)).float() * probs[:, s : s + 1]
         acc = acc + torch.where((idx >= 0).unsqueeze(1), rows, 0.0)
     return acc.to(y.dtype)
+
+
+def per_expert_weight_stack(weights, quantize_128x128_fn):
+    """The per-expert loop the Triton GEMM engine ran before the one-launch kernel: each expert quantized 128x128 into
+    one stack, then the stack block-transposed (numerics.gemm.quantize_weight_stack with the given quantizer)."""
+    stack = Fp8BlockwiseStack.quantize(weights, quantize_128x128_fn)
+    return stack, stack.t()
 
 
 def naive_swiglu_quant(fc1_out, probs):
@@ -219,7 +233,19 @@ def te_modules():
         return None
     quantizer = Float8BlockQuantizer(tex.DType.kFloat8E4M3, rowwise=True, columnwise=False, force_pow_2_scales=True,
                                      amax_epsilon=0.0, block_scaling_dim=1)  # fmt: skip
-    return dict(te=te, tex=tex, quantizer=quantizer, triton_permutation=te_triton_permutation)
+    # weights: 128x128 blocks in both usages ([N, K] for fprop, the transposed [K, N] for dgrad), as TE keeps them
+    quantizer_2d = Float8BlockQuantizer(tex.DType.kFloat8E4M3, rowwise=True, columnwise=True, force_pow_2_scales=True,
+                                        amax_epsilon=0.0, block_scaling_dim=2)  # fmt: skip
+    return dict(te=te, tex=tex, quantizer=quantizer, quantizer_2d=quantizer_2d,
+                triton_permutation=te_triton_permutation)  # fmt: skip
+
+
+def ddp_weight_views(experts: int, n: int, k: int, seed: int) -> List[torch.Tensor]:
+    """`experts` [n, k] bf16 weights as contiguous views of one flat buffer, expert 0 last: separate tensors at
+    scattered addresses, as megatron's DDP parameter buffer holds expert parameters."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    buf = torch.randn(experts * n * k, device="cuda", generator=g, dtype=torch.bfloat16).mul_(0.02)
+    return [buf[(experts - 1 - e) * n * k : (experts - e) * n * k].view(n, k) for e in range(experts)]
 
 
 def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -245,6 +271,7 @@ class Bench:
         self.args, self.te = args, te
         self.compiled: Dict[str, Callable] = {}
         self.failed: List[str] = []
+        self.weight_dims_done = set()  # (experts, n, k) already timed: weight quantization does not depend on tokens
 
     def compile(self, name, fn):
         if name not in self.compiled:
@@ -383,6 +410,52 @@ class Bench:
             self.time(row, "te", fn, [(y,) for y in ys])
         return row
 
+    # ---- 128x128 weight quantization (once per optimizer step): all local experts of one linear, both usages ----
+    def weight_quant(self, shape: Shape) -> List[Row]:
+        """fc1 [2F, H] and fc2 [H, F] with the local experts of EP=1 (all, at most 64) and of EP=8 (8). Dims timed
+        for an earlier shape are skipped: no tokens are involved."""
+        rows = []
+        for experts in sorted({min(shape.experts, 64), 8}, reverse=True):
+            for n, k in ((2 * shape.ffn, shape.hidden), (shape.hidden, shape.ffn)):
+                if (experts, n, k) not in self.weight_dims_done:
+                    self.weight_dims_done.add((experts, n, k))
+                    rows.append(self.weight_quant_linear(shape, experts, n, k))
+        return rows
+
+    def weight_quant_linear(self, shape: Shape, experts: int, n: int, k: int) -> Row:
+        nbn, nbk = -(-n // BLOCK), -(-k // BLOCK)
+        elems = experts * n * k
+        # read the bf16 weights once; write the codes twice ([N, K] and [K, N]) and both scale grids
+        row = Row(WEIGHT_QUANT, shape.name, f"{experts} x [{n}, {k}] bf16", elems * 2 + 2 * elems
+                  + 2 * experts * nbn * nbk * 4)  # fmt: skip
+        sets = [(ddp_weight_views(experts, n, k, seed=i),) for i in range(num_sets(elems * 2))]
+        weights = sets[0][0]
+        got, got_t = kernels.quantize_weight_stack_triton(weights)
+        ref, ref_t = per_expert_weight_stack(weights, quantize_128x128)
+        ok = all(bytes_equal(a.data, b.data) and torch.equal(a.scale_inv, b.scale_inv)
+                 for a, b in ((got, ref), (got_t, ref_t)))  # fmt: skip
+        detail = "bit-exact vs numerics, both usages"
+        del ref, ref_t
+        if self.te:
+            quantizer = self.te["quantizer_2d"]
+            te_ok = True
+            for e, w in enumerate(weights):  # TE pads the inner scale dimension to a multiple of 4
+                q = quantizer(w)
+                te_ok = (te_ok and bytes_equal(got.data[e], q._rowwise_data)
+                         and torch.equal(got.scale_inv[e], q._rowwise_scale_inv[:, :nbk])
+                         and bytes_equal(got_t.data[e], q._columnwise_data)
+                         and torch.equal(got_t.scale_inv[e], q._columnwise_scale_inv[:, :nbn]))  # fmt: skip
+            ok, detail = ok and te_ok, detail + (", vs TE" if te_ok else ", DIFFERS FROM TE")
+        self.checked(row, ok, detail)
+        del got, got_t
+        self.time(row, "ours", kernels.quantize_weight_stack_triton, sets)
+        self.time(row, "eager", lambda ws: per_expert_weight_stack(ws, quantize_128x128), sets)
+        compiled = self.compile("quantize_128x128", quantize_128x128)
+        self.time(row, "compile", lambda ws: per_expert_weight_stack(ws, compiled), sets)
+        if self.te:
+            self.time(row, "te", lambda ws: [quantizer(w) for w in ws], sets)
+        return row
+
     # ---- weighted SwiGLU + quant, forward and backward ----
     def swiglu_inputs(self, shape: Shape, routing: Routing, with_grad: bool):
         n, f = sum(routing.padded), shape.ffn
@@ -451,6 +524,7 @@ TARGETS = [
     ("swiglu+quant fwd", "eager", 2.2), ("swiglu+quant bwd", "eager", 4.0),
 ]  # fmt: skip
 COPY_TARGETS = {"transpose (gemm-ready)": 85.0}  # every other kernel: 80% of copy bandwidth at the large shapes
+WEIGHT_QUANT = "weight quant 128x128"  # token-independent: its copy target is checked at whatever shape it ran
 
 
 def table(rows: List[Row], copy_bw: float) -> List[str]:
@@ -484,11 +558,13 @@ def target_lines(rows: List[Row], copy_bw: float, large_shapes: List[str]) -> Li
                        f" → {verdict}")  # fmt: skip
     for kernel in sorted({r.kernel for r in rows}):
         need = COPY_TARGETS.get(kernel, 80.0)
-        got = [(r.shape, 100 * r.bytes / (r.us["ours"] * 1e-6) / copy_bw) for r in rows
-               if r.kernel == kernel and r.shape in large_shapes and r.us.get("ours")]  # fmt: skip
+        at_shape = kernel == WEIGHT_QUANT  # no tokens involved: every shape it ran at counts
+        got = [(f"{r.shape} {r.dims}" if at_shape else r.shape, 100 * r.bytes / (r.us["ours"] * 1e-6) / copy_bw)
+               for r in rows if r.kernel == kernel and (at_shape or r.shape in large_shapes) and r.us.get("ours")]
         if got:
             verdict = "met" if min(p for _, p in got) >= need else "MISSED"
-            out.append(f"- {kernel}: need ≥{need:.0f}% of copy bandwidth at the large shapes; measured "
+            where = "at every shape" if at_shape else "at the large shapes"
+            out.append(f"- {kernel}: need ≥{need:.0f}% of copy bandwidth {where}; measured "
                        f"{', '.join(f'{s} {p:.0f}%' for s, p in got)} → {verdict}")  # fmt: skip
     return out
 
@@ -520,7 +596,12 @@ def write_report(args, rows: List[Row], copy_bw: float, gpu: str, versions: str,
         "TE op = TransformerEngine's public op (permute: moe_permute_and_pad_with_probs, which also builds its row "
         "map and syncs on the padded size; unpermute: moe_unpermute(pad_offsets=); quantize: Float8BlockQuantizer; "
         "SwiGLU: tex.scaled_swiglu / scaled_dswiglu + Float8BlockQuantizer), TE kernel = TE's permute kernel alone "
-        f"with its row map precomputed. Experts are padded to {ALIGN} rows; GB/s counts the bytes a kernel must move.",
+        f"with its row map precomputed. Experts are padded to {ALIGN} rows; GB/s counts the bytes a kernel must move. "
+        f"{WEIGHT_QUANT}: the local experts' weights of one linear (EP=1: all, at most 64; EP=8: 8) as separate "
+        "views of one buffer; eager = the per-expert loop over numerics.quantize_128x128 + block transpose that the "
+        "Triton engine ran before, compile = that loop with quantize_128x128 compiled, TE op = "
+        "Float8BlockQuantizer(block_scaling_dim=2, rowwise + columnwise) per expert; bytes = bf16 read once, codes "
+        "written twice ([N, K] and [K, N]), both scale grids.",
         "",
         "| shape | tokens | hidden | moe_ffn | experts | top-k |",
         "|---|---|---|---|---|---|",
@@ -543,7 +624,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=sorted(SHAPES))
     parser.add_argument("--kernels", nargs="+", default=["quantize", "transpose", "permute", "unpermute",
-                                                          "swiglu_fwd", "swiglu_bwd"])  # fmt: skip
+                                                          "swiglu_fwd", "swiglu_bwd", "weight_quant"])  # fmt: skip
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["eager", "compile", "te", "te_kernel"],
@@ -570,12 +651,13 @@ def main():
         for k in args.kernels:
             t0 = time.perf_counter()
             fn = getattr(bench, k)
-            row = fn(shape) if k == "quantize" else fn(shape, routing)
-            rows.append(row)
-            ours = row.us.get("ours")
-            print(f"  {row.kernel:24s} {name:18s} ours {ours or 0:9.1f} µs  "
-                  + "  ".join(f"{b} {row.us[b]:9.1f}" for b, _ in BASELINES if b in row.us)
-                  + f"  [{row.check}] ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+            new = fn(shape) if k in ("quantize", "weight_quant") else fn(shape, routing)
+            for row in new if isinstance(new, list) else [new]:  # weight_quant: one row per linear and expert count
+                rows.append(row)
+                ours = row.us.get("ours")
+                print(f"  {row.kernel:24s} {name:18s} ours {ours or 0:9.1f} µs  "
+                      + "  ".join(f"{b} {row.us[b]:9.1f}" for b, _ in BASELINES if b in row.us)
+                      + f"  [{row.check}] ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
             torch.cuda.empty_cache()
         del routing
         torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ defaults and results, bit-identical wherever the twin is exact. The backend is t
 | permute_pad_rows_triton, unpermute_unpad_rows_triton | numerics.permute_pad_rows, unpermute_unpad_rows | Triton |
 | weighted_swiglu_quant_triton, weighted_swiglu_quant_backward_triton | numerics.weighted_swiglu_quant(_backward) | Triton |
 | fp8_grouped_gemm_nt_triton, fp8_grouped_wgrad_triton | numerics.gemm.fp8_grouped_gemm_nt, fp8_grouped_wgrad | Triton |
+| quantize_weight_stack_triton | numerics.gemm.quantize_weight_stack | Triton |
 
 Importing this package needs neither a GPU nor Triton; calling a kernel without them raises with the reason.
 """
@@ -17,6 +18,7 @@ from .permute import permute_pad_rows_triton, unpermute_unpad_rows_triton
 from .quantize import quantize_1x128_triton
 from .swiglu import weighted_swiglu_quant_backward_triton, weighted_swiglu_quant_triton
 from .transpose import ColumnwiseGemmReady, scaling_aware_transpose_cuda
+from .weight_quant import quantize_weight_stack_triton
 
 __all__ = [
     "ColumnwiseGemmReady",
@@ -24,6 +26,7 @@ __all__ = [
     "fp8_grouped_wgrad_triton",
     "permute_pad_rows_triton",
     "quantize_1x128_triton",
+    "quantize_weight_stack_triton",
     "scaling_aware_transpose_cuda",
     "unpermute_unpad_rows_triton",
     "weighted_swiglu_quant_backward_triton",

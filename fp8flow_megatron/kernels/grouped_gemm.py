@@ -16,13 +16,13 @@ fp8_grouped_wgrad_triton    dw[e][N, K] = T(g_e) . T(x_e)^T over expert e's rows
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..numerics.format import BLOCK, ROWWISE_1X128, Fp8Blockwise, ceil_div, host_to_device
-from ..numerics.gemm import Fp8BlockwiseStack
+from ..numerics.gemm import Fp8BlockwiseStack, check_wgrad_out
 from ._triton import HAVE_TRITON, jit, require_cuda, require_triton, tl, triton
 
 TILE_M = 128  # rows per program in the varlen-M kernel; the host-built tile map depends on it, so it is not tuned
@@ -78,15 +78,17 @@ def _grouped_gemm_nt_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@_autotune(_configs(["BLOCK_N"]), key=["N", "K", "ROWS_ALIGNED_16"])
 @jit
-def _grouped_wgrad_kernel(
-    g_ptr, g_scale_ptr, x_ptr, x_scale_ptr, c_ptr, splits_ptr, num_experts,
+def _grouped_wgrad_body(
+    g_ptr, g_scale_ptr, x_ptr, x_scale_ptr, c_ptr, out_ptrs, splits_ptr, num_experts,
     N, K,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_ALIGNED_16: tl.constexpr,
+    OUT_TABLE: tl.constexpr, OUT_ALIGNED_16: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     # g_ptr / x_ptr: the scaling-aware transposes in the compact layout -- split e is [N, m_e] (resp. [K, m_e]) at
     # row offset row_start_e, its scales [N, ceil(m_e/128)] at block offset block_start_e.
+    # Output: OUT_TABLE False -- c_ptr is one contiguous [E, N, K] tensor (out_ptrs unused); OUT_TABLE True -- out_ptrs
+    # is an int64 [E] table of the addresses of E contiguous [N, K] tensors of c_ptr's dtype (c_ptr is the first).
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     expert = tl.program_id(2)
@@ -117,8 +119,27 @@ def _grouped_wgrad_kernel(
         sg = tl.load(gs_rows + b, mask=mask_n, other=0.0)
         sx = tl.load(xs_rows + b, mask=mask_k, other=0.0)
         acc += tl.dot(g, tl.trans(x)) * sg[:, None] * sx[None, :]
-    c = c_ptr + expert * N * K + offs_n[:, None] * K + offs_k[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    if OUT_TABLE:
+        # expert e's output is its own tensor anywhere in memory (megatron's main_grad: views into the DDP grad buffer)
+        c_base = tl.load(out_ptrs + expert).to(c_ptr.dtype)
+        if OUT_ALIGNED_16:
+            c_base = tl.multiple_of(c_base, 16)  # an address read from memory has no known alignment; checked on host
+    else:
+        c_base = c_ptr + expert.to(tl.int64) * N * K
+    c = c_base + offs_n[:, None] * K + offs_k[None, :]
+    mask_c = mask_n[:, None] & mask_k[None, :]
+    if ACCUMULATE:
+        # an empty expert's buffer is left untouched, not rewritten as itself + 0 (which would turn -0 into +0)
+        mask_c = mask_c & (me > 0)
+        acc += tl.load(c, mask=mask_c, other=0.0).to(tl.float32)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+# Autotuned for the one-tensor output only: the autotuner times each config by running the kernel on the real
+# arguments, which would add the gradient into the out= buffers once per trial. The out= path launches the body with
+# the first candidate config (not swept for it yet).
+_grouped_wgrad_kernel = _autotune(_configs(["BLOCK_N"]), key=["N", "K", "ROWS_ALIGNED_16"])(_grouped_wgrad_body)
+_WGRAD_OUT_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 def _to_device_int32(rows: np.ndarray, device) -> torch.Tensor:
@@ -180,30 +201,65 @@ def fp8_grouped_gemm_nt_triton(
 
 
 def fp8_grouped_wgrad_triton(
-    g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits: Sequence[int], out_dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Twin of numerics.fp8_grouped_wgrad: [E, N, K] weight gradients from row-wise g_q [M, N] and x_q [M, K]
-    (1x128), via two scaling-aware transposes (one launch each, all experts) and one grouped GEMM launch."""
+    g_q: Fp8Blockwise,
+    x_q: Fp8Blockwise,
+    m_splits: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    accumulate: bool = False,
+):
+    """Twin of numerics.fp8_grouped_wgrad: weight gradients from row-wise g_q [M, N] and x_q [M, K] (1x128), via two
+    scaling-aware transposes (one launch each, all experts) and one grouped GEMM launch.
+
+    out=None: returns [E, N, K] in out_dtype (an empty expert's gradient is zero).
+    out:      E contiguous CUDA [N, K] tensors of out_dtype at any addresses (megatron's per-expert fp32 main_grad);
+              expert e's gradient is written into out[e] through a device table of their addresses (pinned
+              non-blocking copy, no stream sync), still one launch. accumulate=True: out[e] = out_dtype(fp32(out[e])
+              + dw[e]), an empty expert's out[e] untouched; accumulate=False: overwritten, an empty expert's zeroed.
+              Returns `out`.
+    """
     from .transpose import scaling_aware_transpose_buffers
 
-    require_triton("fp8_grouped_wgrad_triton")
-    require_cuda("fp8_grouped_wgrad_triton", g_q.data, x_q.data)
+    op = "fp8_grouped_wgrad_triton"
+    require_triton(op)
+    require_cuda(op, g_q.data, x_q.data)
     n, k = g_q.data.shape[1], x_q.data.shape[1]
     num_experts = len(m_splits)
-    out = torch.empty(num_experts, n, k, dtype=out_dtype, device=g_q.data.device)
+    if out is None:
+        if accumulate:
+            raise ValueError(f"{op}: accumulate=True needs out= (the buffers to add the gradients into)")
+        result = torch.empty(num_experts, n, k, dtype=out_dtype, device=g_q.data.device)
+    else:
+        check_wgrad_out(out, num_experts, n, k, out_dtype, g_q.data.device, op)
+        result = out
     if num_experts == 0 or n == 0 or k == 0:
-        return out
+        return result
     g_codes, g_scales, splits, blocks, _ = scaling_aware_transpose_buffers(g_q, m_splits, "compact")
     x_codes, x_scales, _, _, _ = scaling_aware_transpose_buffers(x_q, m_splits, "compact")
     m = np.asarray(splits, dtype=np.int64)
     blk = np.asarray(blocks, dtype=np.int64)
     table = _to_device_int32(np.stack([np.cumsum(m) - m, m, np.cumsum(blk) - blk]), g_q.data.device)
+    args = (g_codes.view(g_q.data.dtype), g_scales, x_codes.view(x_q.data.dtype), x_scales)
+    rows_aligned = all(s % 16 == 0 for s in splits)
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
+    if out is None:
 
-    _grouped_wgrad_kernel[grid](
-        g_codes.view(g_q.data.dtype), g_scales, x_codes.view(x_q.data.dtype), x_scales, out, table, num_experts, n, k,
-        BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=all(s % 16 == 0 for s in splits),
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
+
+        _grouped_wgrad_kernel[grid](
+            *args, result, result, table, num_experts, n, k,
+            BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
+            OUT_TABLE=False, OUT_ALIGNED_16=False, ACCUMULATE=False,
+        )  # fmt: skip
+        return result
+    addresses = [o.data_ptr() for o in out]
+    out_ptrs = host_to_device(torch.tensor(addresses, dtype=torch.int64), g_q.data.device)
+    grid = (triton.cdiv(n, _WGRAD_OUT_CONFIG["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
+    _grouped_wgrad_body[grid](
+        *args, out[0], out_ptrs, table, num_experts, n, k,
+        BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
+        OUT_TABLE=True, OUT_ALIGNED_16=all(a % 16 == 0 for a in addresses), ACCUMULATE=bool(accumulate),
+        **_WGRAD_OUT_CONFIG,
     )  # fmt: skip
     return out

@@ -9,12 +9,12 @@ wgrad:  a = dy^T (1x128 of the transpose), b = x^T -> dw, both from scaling_awar
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .format import BLOCK_128X128, Fp8Blockwise
-from .quantize import dequantize
+from .quantize import dequantize, quantize_128x128
 
 
 def fp8_gemm_nt(a: Fp8Blockwise, b: Fp8Blockwise, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -85,22 +85,107 @@ class Fp8BlockwiseStack:
         return (self[i] for i in range(len(self)))
 
 
+def check_weight_stack(weights: Sequence[torch.Tensor], op: str) -> Tuple[int, int, int]:
+    """(E, N, K) of the expert weights of one linear, or the error that says what to fix: E >= 1 tensors, each 2-D
+    [N, K] with K >= 1, all of one shape, one dtype (torch.bfloat16 or torch.float32) and one device. Shared by
+    quantize_weight_stack and its kernel so both refuse the same inputs with the same words."""
+    if len(weights) == 0:
+        raise ValueError(f"{op}: got no weights; pass the E >= 1 expert weights of one linear, each [N, K]")
+    first = weights[0]
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{op}: weights[{i}] is a {type(w).__name__}, not a torch.Tensor")
+        if w.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"{op}: weights[{i}] is {w.dtype}; expert weights must be torch.bfloat16 or torch.float32")
+        if w.dim() != 2:
+            raise ValueError(f"{op}: weights[{i}] must be 2-D [N, K], got shape {tuple(w.shape)}")
+        if w.shape != first.shape:
+            raise ValueError(
+                f"{op}: weights[{i}] has shape {tuple(w.shape)} but weights[0] has {tuple(first.shape)}; the experts "
+                f"of one linear must share [N, K] (quantize fc1 and fc2 as separate stacks)"
+            )
+        if w.dtype != first.dtype:
+            raise TypeError(f"{op}: weights[{i}] is {w.dtype} but weights[0] is {first.dtype}; use one dtype")
+        if w.device != first.device:
+            raise ValueError(f"{op}: weights[{i}] is on {w.device} but weights[0] on {first.device}; use one device")
+    n, k = first.shape
+    if k < 1:
+        raise ValueError(f"{op}: K must be >= 1, got weights of shape {tuple(first.shape)}")
+    return len(weights), n, k
+
+
+def quantize_weight_stack(weights: Sequence[torch.Tensor]) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
+    """128x128 quantization of all E experts of one linear, in both usages the grouped GEMMs read.
+
+    weights: E >= 1 separate [N, K] tensors of one shape, dtype (fp32 or bf16) and device, each anywhere in memory
+             (in training: nn.Parameters inside megatron's DDP parameter buffer, or .detach()ed views of them); any
+             strides. Partial edge blocks (N or K not multiples of 128) are allowed.
+    Returns (stack, stack_t):
+        stack:   data [E, N, K] e4m3 row-major, scale_inv [E, ceil(N/128), ceil(K/128)] fp32 -- expert e is exactly
+                 quantize_128x128(weights[e]) (fprop's B operand);
+        stack_t: data [E, K, N] e4m3, scale_inv [E, ceil(K/128), ceil(N/128)] -- exactly transpose_128x128 of it
+                 (dgrad's B operand; a block keeps its scale, so no requantization).
+    """
+    check_weight_stack(weights, "quantize_weight_stack")
+    stack = Fp8BlockwiseStack.quantize(weights, quantize_128x128)
+    return stack, stack.t()
+
+
+def check_wgrad_out(
+    out: Sequence[torch.Tensor], num_experts: int, n: int, k: int, out_dtype: torch.dtype, device: torch.device, op: str
+) -> None:
+    """The error that says what is wrong with the `out` buffers of a grouped wgrad: E tensors, each contiguous
+    [N, K] of out_dtype on the gradients' device. Shared by fp8_grouped_wgrad and its kernel."""
+    if len(out) != num_experts:
+        raise ValueError(f"{op}: {len(out)} out tensors for {num_experts} experts (m_splits); pass one per expert")
+    for e, o in enumerate(out):
+        if tuple(o.shape) != (n, k):
+            raise ValueError(f"{op}: out[{e}] has shape {tuple(o.shape)}, expected [N, K] = {(n, k)}")
+        if o.dtype != out_dtype:
+            raise TypeError(f"{op}: out[{e}] is {o.dtype} but out_dtype is {out_dtype}; pass out_dtype=out[0].dtype")
+        if o.device != torch.device(device):
+            raise ValueError(f"{op}: out[{e}] is on {o.device}, the gradients on {device}")
+        if not o.is_contiguous():
+            raise ValueError(f"{op}: out[{e}] must be a contiguous [N, K] (it has strides {o.stride()})")
+
+
 def fp8_grouped_wgrad(
-    g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits: Sequence[int], out_dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+    g_q: Fp8Blockwise,
+    x_q: Fp8Blockwise,
+    m_splits: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    accumulate: bool = False,
+):
     """Weight gradients of all experts: dw[e] = dequantize(T(g_e)) @ dequantize(T(x_e)).T, T the scaling-aware
     transpose of expert e's rows (the column-wise FP8 the wgrad reads; never a requantized BF16 copy).
 
     g_q: [M, N] 1x128 (output gradients), x_q: [M, K] 1x128 (inputs), both split by rows per m_splits.
-    Returns [E, N, K] in out_dtype; an empty expert's gradient is zero.
+    out: None, or E contiguous [N, K] tensors of out_dtype at any addresses (megatron's per-expert fp32 main_grad,
+         views into the DDP grad buffer), written in place.
+    accumulate: with out only: out[e] = out_dtype(fp32(out[e]) + dw[e]), the sum taken in fp32 (TE's
+         gradient_accumulation_fusion); False overwrites out[e] with out_dtype(dw[e]).
+    Returns [E, N, K] in out_dtype (out=None; an empty expert's gradient is zero), else `out`, where an empty expert
+    (m_e = 0) leaves out[e] untouched when accumulating and zeroes it otherwise.
     """
     from .transpose import scaling_aware_transpose
 
     n, k = g_q.data.shape[1], x_q.data.shape[1]
-    out = torch.zeros(len(m_splits), n, k, dtype=out_dtype, device=g_q.data.device)
+    if out is None:
+        if accumulate:
+            raise ValueError("fp8_grouped_wgrad: accumulate=True needs out= (the buffers to add the gradients into)")
+        result = torch.zeros(len(m_splits), n, k, dtype=out_dtype, device=g_q.data.device)
+    else:
+        check_wgrad_out(out, len(m_splits), n, k, out_dtype, g_q.data.device, "fp8_grouped_wgrad")
+        result = out
     g_t = scaling_aware_transpose(g_q, m_splits)
     x_t = scaling_aware_transpose(x_q, m_splits)
     for e, (gt, xt) in enumerate(zip(g_t, x_t)):
         if m_splits[e]:
-            out[e] = fp8_gemm_nt(gt, xt, torch.float32).to(out_dtype)
-    return out
+            dw = fp8_gemm_nt(gt, xt, torch.float32)
+            if accumulate:
+                dw = result[e].to(torch.float32) + dw
+            result[e].copy_(dw)  # rounded once to out_dtype
+        elif out is not None and not accumulate:
+            result[e].zero_()
+    return result

@@ -20,6 +20,7 @@ _REFERENCE = SimpleNamespace(
     name="reference",
     quantize_1x128=numerics.quantize_1x128,
     quantize_128x128=numerics.quantize_128x128,
+    quantize_weight_stack=_gemm.quantize_weight_stack,
     scaling_aware_transpose=numerics.scaling_aware_transpose,
     permute_pad_rows=_permute.permute_pad_rows,
     unpermute_unpad_rows=_permute.unpermute_unpad_rows,
@@ -33,6 +34,7 @@ _REFERENCE = SimpleNamespace(
 # twin name -> kernel name (fp8flow_megatron.kernels names carry their backend as a suffix)
 _KERNEL_NAMES = {
     "quantize_1x128": "quantize_1x128_triton",
+    "quantize_weight_stack": "quantize_weight_stack_triton",
     "scaling_aware_transpose": "scaling_aware_transpose_cuda",
     "permute_pad_rows": "permute_pad_rows_triton",
     "unpermute_unpad_rows": "unpermute_unpad_rows_triton",

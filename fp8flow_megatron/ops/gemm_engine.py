@@ -41,11 +41,16 @@ class ReferenceGemm:
     def dgrad(self, g_q: Fp8Blockwise, weights, m_splits, out_dtype):
         return fp8_grouped_gemm_nt(g_q, [w_t for _, w_t in weights], m_splits, out_dtype)
 
-    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
+    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype, accumulate_into=None) -> List[torch.Tensor]:
         b = backend_for(g_q.device)
         g_t = b.scaling_aware_transpose(g_q, m_splits)
         x_t = b.scaling_aware_transpose(x_q, m_splits)
-        return [fp8_gemm_nt(gt, xt, torch.float32).to(dtype) for gt, xt in zip(g_t, x_t)]
+        if accumulate_into is None:
+            return [fp8_gemm_nt(gt, xt, torch.float32).to(dtype) for gt, xt in zip(g_t, x_t)]
+        for acc, gt, xt, m in zip(accumulate_into, g_t, x_t, m_splits):
+            if m:  # fp32 sum, stored once in the buffer's dtype (the GEMM epilogue's C + A.B)
+                acc.copy_(acc.float() + fp8_gemm_nt(gt, xt, torch.float32))
+        return list(accumulate_into)
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,20 +177,26 @@ class TEGroupedGemm:
         n_out = weights[0].shape[1]
         return self._grouped(list(weights), self._rowwise(g_q, m_splits), m_splits, n_out, out_dtype, "NN", True)
 
-    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
+    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype, accumulate_into=None) -> List[torch.Tensor]:
+        """Per-expert [N, K] weight gradients; with accumulate_into (e.g. the weights' fp32 main_grad), added to
+        those buffers in the GEMM epilogue (TE's accumulate=True), and empty experts leave theirs untouched."""
         n, k = g_q.data.shape[1], x_q.data.shape[1]
-        out = torch.empty(len(m_splits), n, k, dtype=dtype, device=g_q.data.device)
-        outs = list(out.unbind(0))
+        if accumulate_into is None:
+            out = torch.empty(len(m_splits), n, k, dtype=dtype, device=g_q.data.device)
+            outs = list(out.unbind(0))
+            for i, m in enumerate(m_splits):
+                if m == 0:  # an empty expert's weight gradient is zero (only those are written, not the whole buffer)
+                    outs[i].zero_()
+        else:
+            outs = list(accumulate_into)
         live = [i for i, m in enumerate(m_splits) if m > 0]
-        for i, m in enumerate(m_splits):
-            if m == 0:  # an empty expert's weight gradient is zero (only those are written here, not the whole buffer)
-                outs[i].zero_()
         if live:
             g_t = self._columnwise(g_q, m_splits)
             x_t = self._columnwise(x_q, m_splits)
             self._gemm(
-                [x_t[i] for i in live], [g_t[i] for i in live], [outs[i] for i in live], [None] * len(live), dtype,
-                layout="NT", m_splits=[m_splits[i] for i in live], grad=True, use_split_accumulator=True,
+                [x_t[i] for i in live], [g_t[i] for i in live], [outs[i] for i in live], [None] * len(live),
+                outs[live[0]].dtype, layout="NT", m_splits=[m_splits[i] for i in live], grad=True,
+                use_split_accumulator=True, accumulate=accumulate_into is not None,
             )
         return outs
 
@@ -197,10 +208,7 @@ class TritonGroupedGemm:
     name = "triton"
 
     def quantize_weights(self, weights):
-        from ..numerics.gemm import Fp8BlockwiseStack
-
-        stack = Fp8BlockwiseStack.quantize(weights, backend_for(weights[0].device).quantize_128x128)
-        return stack, stack.t()
+        return backend_for(weights[0].device).quantize_weight_stack(weights)
 
     def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
         from ..kernels import fp8_grouped_gemm_nt_triton
@@ -212,9 +220,11 @@ class TritonGroupedGemm:
 
         return fp8_grouped_gemm_nt_triton(g_q, weights[1], m_splits, out_dtype)
 
-    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype) -> List[torch.Tensor]:
+    def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype, accumulate_into=None) -> List[torch.Tensor]:
         from ..kernels import fp8_grouped_wgrad_triton
 
+        if accumulate_into is not None:  # straight into the main_grad buffers, one launch (no [E, N, K] temporary)
+            return list(fp8_grouped_wgrad_triton(g_q, x_q, m_splits, dtype, out=list(accumulate_into), accumulate=True))
         return list(fp8_grouped_wgrad_triton(g_q, x_q, m_splits, dtype).unbind(0))
 
 

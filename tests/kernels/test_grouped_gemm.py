@@ -4,7 +4,8 @@ The twins dequantize and multiply in fp32; the kernels multiply FP8 codes on the
 scale-accumulate in fp32, so results agree to fp32 summation order plus Hopper's FP8 accumulation inside one 128-wide
 block (bound 1e-3 relative; the measured values are printed with -s). Edge cases: empty experts, an expert of 16
 rows, experts spanning several 128-row tiles with a partial last one, all rows on one expert, K and N not multiples
-of 128, no rows at all, row counts not multiples of 16 (the wgrad kernel's unaligned path)."""
+of 128, no rows at all, row counts not multiples of 16 (the wgrad kernel's unaligned path). The wgrad also writes or
+accumulates into per-expert buffers at scattered addresses (out=, accumulate=: megatron's main_grad)."""
 
 import pytest
 import torch
@@ -78,3 +79,75 @@ def test_grouped_gemm_rejects_mismatched_splits():
     x, _, w = _problem([16, 16], 128, 128, seed=0)
     with pytest.raises(ValueError, match="m_splits"):
         fp8_grouped_gemm_nt_triton(x, w, [16, 8])
+
+
+# bf16 buffers: kernel and twin round fp32 sums that differ in summation order, so a sum near a bf16 rounding boundary
+# lands one bf16 step (2^-8 relative) apart
+TOL_BF16 = TOL + 2.0**-8
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("m_splits", SPLITS)
+def test_grouped_wgrad_into_out_matches_twin(m_splits, accumulate, out_dtype, pad):
+    # out[e] are views of one buffer in reverse expert order (megatron's main_grad in the DDP grad buffer), 16-byte
+    # aligned (pad 0: 200 * 320 * 4 bytes apart) or not (pad 3); the buffer outside them must stay untouched.
+    from fp8flow_megatron.kernels import fp8_grouped_wgrad_triton
+
+    from ..numerics.test_gemm import scattered_buffers
+
+    n, k = 200, 320
+    x, dy, _ = _problem(m_splits, n, k, seed=11 + sum(m_splits))
+    g = torch.Generator().manual_seed(len(m_splits))
+    before = [(torch.randn(n, k, generator=g) * 0.05).to(out_dtype).cuda() for _ in m_splits]
+    for b in before:
+        b[0, 0] = -0.0  # an empty expert's buffer keeps even the sign of its zeros when accumulating
+    buf, out = scattered_buffers(before, pad=pad)
+    got = fp8_grouped_wgrad_triton(dy, x, m_splits, out_dtype, out=out, accumulate=accumulate)
+    assert got is out
+    ref = [b.clone() for b in before]
+    fp8_grouped_wgrad(dy, x, m_splits, out_dtype, out=ref, accumulate=accumulate)
+    tol = TOL if out_dtype == torch.float32 else TOL_BF16
+    for e, m in enumerate(m_splits):
+        if m == 0 and accumulate:
+            assert torch.equal(out[e].view(torch.uint8), before[e].view(torch.uint8)), f"expert {e} was touched"
+        elif m == 0:
+            assert float(out[e].abs().sum()) == 0.0, f"expert {e} not zeroed"
+        else:
+            print(f"wgrad into out {m_splits} acc={accumulate} {out_dtype} expert {e}: rel {_rel(out[e], ref[e]):.1e}")
+            assert _rel(out[e], ref[e]) < tol, (e, _rel(out[e], ref[e]))
+    inside = torch.zeros(buf.numel(), dtype=torch.bool, device=buf.device)
+    for o in out:
+        inside[o.storage_offset() : o.storage_offset() + o.numel()] = True
+    assert torch.isnan(buf[~inside]).all(), "the kernel wrote outside the out tensors"
+
+
+def test_grouped_wgrad_accumulates_micro_batches():
+    # Two micro-batches into the same fp32 buffers: the sum of both gradients, as the returned ones would add up.
+    from fp8flow_megatron.kernels import fp8_grouped_wgrad_triton
+
+    m_splits = [144, 0, 16, 400]
+    n, k = 256, 384
+    problems = [_problem(m_splits, n, k, seed=s) for s in (1, 2)]
+    out = [torch.zeros(n, k, device="cuda") for _ in m_splits]
+    for x, dy, _ in problems:
+        fp8_grouped_wgrad_triton(dy, x, m_splits, out=out, accumulate=True)
+    want = sum(fp8_grouped_wgrad(dy, x, m_splits) for x, dy, _ in problems)
+    for e, m in enumerate(m_splits):
+        if m:
+            assert _rel(out[e], want[e]) < TOL, (e, _rel(out[e], want[e]))
+        else:
+            assert float(out[e].abs().sum()) == 0.0
+
+
+def test_grouped_wgrad_rejects_bad_out():
+    from fp8flow_megatron.kernels import fp8_grouped_wgrad_triton
+
+    x, dy, _ = _problem([16, 16], 128, 128, seed=0)
+    with pytest.raises(ValueError, match="accumulate=True needs out="):
+        fp8_grouped_wgrad_triton(dy, x, [16, 16], accumulate=True)
+    with pytest.raises(ValueError, match="1 out tensors for 2 experts"):
+        fp8_grouped_wgrad_triton(dy, x, [16, 16], out=[torch.zeros(128, 128, device="cuda")], accumulate=True)
+    with pytest.raises(ValueError, match="is on cpu"):
+        fp8_grouped_wgrad_triton(dy, x, [16, 16], out=[torch.zeros(128, 128)] * 2)
