@@ -5,9 +5,12 @@
     torchrun --nproc-per-node 8 -m fp8flow_megatron.train --config configs/deepseek_v2_lite.yaml \\
         --expert-model-parallel-size 8 --data-path ...                # see scripts/pretrain_deepseek_v2_lite.sh
 
-Reads top to bottom: config -> validate -> print -> build (process groups, model, optimizer, data) -> loop. Each log
-line: iteration, loss, lr, tokens/s, peak memory, FP8 health (underflow fraction of the FP8 quantizers, fraction of
-experts that got no token). At the end: loss_curve.png and metrics.jsonl in --output-dir.
+Reads top to bottom: config -> validate -> print -> build (process groups, model, optimizer, data) -> loop. A training
+step is Megatron-LM's train_step on megatron-core's own schedule (get_forward_backward_func, finalize_model_grads,
+grad_scale_func, no_sync with --overlap-grad-reduce), so TE's FP8 weight caches and FP8-Flow's expert weights follow
+the optimizer through megatron's set_is_first_microbatch, and aux-loss scaling, gradient sync and expert-bias updates
+are megatron's. Each log line: iteration, loss, lr, tokens/s, peak memory, FP8 health (underflow fraction of the FP8
+quantizers, fraction of experts that got no token). At the end: loss_curve.png and metrics.jsonl in --output-dir.
 """
 
 from __future__ import annotations
@@ -75,8 +78,34 @@ def validate(args) -> None:
         problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
     if args.save_interval and not args.save:
         problems.append("--save-interval needs --save DIR")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        problems.append("--overlap-param-gather needs --use-distributed-optimizer (as in Megatron-LM)")
+    if args.gradient_accumulation_fusion and not _grad_accum_fusion_available(args):
+        problems.append(
+            "--gradient-accumulation-fusion needs TransformerEngine for the transformer layers and apex's "
+            "fused_weight_gradient_mlp_cuda for megatron's output layer (ColumnParallelLinear); one is missing here. "
+            "Fix: --no-gradient-accumulation-fusion (the default when they are missing)"
+        )
     if problems:
         raise SystemExit("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _grad_accum_fusion_available(args) -> bool:
+    """megatron's gradient_accumulation_fusion: TE's linears fuse it themselves; megatron's own ColumnParallelLinear
+    (the output layer) needs apex's fused_weight_gradient_mlp_cuda and refuses to build without it."""
+    if not (args.use_cuda and args.transformer_impl != "local" and _te_importable()):
+        return False
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_defaults(args) -> None:
+    """Flags whose default depends on the machine, resolved before the configuration is printed."""
+    if args.gradient_accumulation_fusion is None:  # Megatron-LM's default is on; here on wherever it can build
+        args.gradient_accumulation_fusion = _grad_accum_fusion_available(args)
 
 
 def print_config(args) -> None:
@@ -161,8 +190,13 @@ def build_model(args, tokenizer):
     )
     if args.use_cuda:
         model.cuda()
+    if args.bf16:  # as Megatron-LM's get_model: every parameter bf16 (norms too), fp32 logits for the loss
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=args.use_distributed_optimizer
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, use_distributed_optimizer=args.use_distributed_optimizer,
     )
     return DistributedDataParallel(config, ddp_config, model), config
 
@@ -222,13 +256,68 @@ def get_batch(dataset, args, step: int, micro: int, device):
     return batch
 
 
-def forward_loss(model, batch):
+def micro_batches(dataset, args, step: int, count: int, device):
+    """The data iterator megatron's schedule pulls `count` micro-batches from: those of iteration `step`."""
+    return (get_batch(dataset, args, step, micro, device) for micro in range(count))
+
+
+def loss_func(loss_mask, per_token_loss):
+    """Megatron-LM's pretrain_gpt loss: the summed masked cross-entropy and its token count (the schedule divides by
+    both the tokens and the micro-batches); the report carries (sum, tokens) for a token-weighted mean."""
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(per_token_loss.view(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.detach().view(1).float()])}
+
+
+def forward_step(data_iterator, model):
+    """megatron's forward_step_func: (per-token loss, the function that reduces it)."""
+    from functools import partial
+
+    batch = next(data_iterator)
     per_token = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-    mask = batch["loss_mask"].float()
-    return (per_token.float() * mask).sum() / mask.sum().clamp_min(1)
+    return per_token, partial(loss_func, batch["loss_mask"])
+
+
+def setup_schedule(args, model, optimizer):
+    """Wire megatron's schedule hooks as Megatron-LM's training.setup does, and return the schedule."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = model.config
+    config.grad_scale_func = optimizer.scale_loss
+    if args.overlap_grad_reduce:
+        config.no_sync_func = model.no_sync
+        config.grad_sync_func = model.start_grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return get_forward_backward_func()
+
+
+def _reduce_lm_loss(args, losses_reduced, device) -> float:
+    """Token-weighted mean of the micro-batches' losses over the data-parallel ranks (Megatron-LM's report)."""
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, device=device)
+    for report in losses_reduced:
+        total += report["lm loss"].view(-1)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return float(total[0] / total[1].clamp_min(1))
 
 
 # -------------------------------------------------------------------------------------------------- checkpoint
+def sharded_state_dict_metadata(args) -> dict:
+    """What Megatron-LM passes to sharded_state_dict (training/checkpointing.py, _build_sharded_state_dict_metadata, for
+    the torch_dist format): the distributed optimizer saves its state 'dp_reshardable' (megatron-core 0.16's
+    dist-checkpointing refuses the older flattened-range layout)."""
+    from megatron.core import parallel_state
+
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if args.use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+    metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return metadata
+
+
 def save_checkpoint(args, step, model, optimizer, scheduler) -> None:
     from megatron.core import dist_checkpointing
 
@@ -238,10 +327,15 @@ def save_checkpoint(args, step, model, optimizer, scheduler) -> None:
     if args.rank == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    model_sd = model.module.sharded_state_dict()
+    metadata = sharded_state_dict_metadata(args)
+    model_sd = model.module.sharded_state_dict(metadata=metadata)
     with cuda_to_cpu():
-        state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd), "scheduler": scheduler.state_dict(), "iteration": step}
-        dist_checkpointing.save(state, str(path))
+        state = {
+            "model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=metadata),
+            "scheduler": scheduler.state_dict(), "iteration": step,
+        }
+        content = {k: v for k, v in metadata.items() if k != "dp_cp_group"}
+        dist_checkpointing.save(state, str(path), content_metadata=content)
     if args.rank == 0:
         (Path(args.save) / "latest_checkpointed_iteration.txt").write_text(str(step))
     dist.barrier()
@@ -250,18 +344,21 @@ def save_checkpoint(args, step, model, optimizer, scheduler) -> None:
 def load_checkpoint(args, model, optimizer, scheduler) -> int:
     from megatron.core import dist_checkpointing
 
-    from .megatron.cpu_shims import cuda_to_cpu
+    from .megatron.cpu_shims import cuda_to_cpu, init_torch_adam_state_for_load, restore_torch_adam_step_after_load
 
     tracker = Path(args.load) / "latest_checkpointed_iteration.txt"
     if not tracker.exists():
         raise SystemExit(f"--load {args.load}: no latest_checkpointed_iteration.txt there")
     step = int(tracker.read_text())
-    model_sd = model.module.sharded_state_dict()
+    metadata = sharded_state_dict_metadata(args)
+    model_sd = model.module.sharded_state_dict(metadata=metadata)
+    init_torch_adam_state_for_load(optimizer)
     with cuda_to_cpu():
-        template = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+        template = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)}
         state = dist_checkpointing.load(template, str(Path(args.load) / f"iter_{step:07d}"))
-        model.module.load_state_dict(state["model"])
+        model.module.load_state_dict(state["model"])  # FP8-Flow experts requantize on their next forward
         optimizer.load_state_dict(state["optimizer"])
+    restore_torch_adam_step_after_load(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     return step
 
@@ -273,35 +370,48 @@ def peak_memory_gb(args) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def train_step(args, model, optimizer, scheduler, dataset, step, device):
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
+def train_step(args, schedule, model, optimizer, scheduler, dataset, step, device):
+    """One iteration, as Megatron-LM's train_step: zero the grad buffers, forward/backward every micro-batch on
+    megatron's schedule (which marks the first micro-batch, scales the aux loss and finalizes the gradients), step."""
     from .megatron.cpu_shims import cuda_to_cpu
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / args.num_microbatches)
-    total = torch.zeros(1, device=device)
-    for micro in range(args.num_microbatches):
-        loss = forward_loss(model, get_batch(dataset, args, step, micro, device))
-        (loss / args.num_microbatches).backward()
-        total += loss.detach()
-    model.finish_grad_sync()
+    losses_reduced = schedule(
+        forward_step_func=forward_step, data_iterator=micro_batches(dataset, args, step, args.num_microbatches, device),
+        model=[model], num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=False,
+    )
     with cuda_to_cpu():
-        _, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    dist.all_reduce(total)
-    return float(total) / (args.num_microbatches * args.world_size), grad_norm
+        update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    loss = _reduce_lm_loss(args, losses_reduced, device)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"iteration {step + 1}: training loss is {loss}. Lower --lr or check the data; --no-moe-fp8-flow shows "
+            f"whether the model diverges without FP8-Flow."
+        )
+    return loss, grad_norm
 
 
-@torch.no_grad()
-def evaluate(args, model, dataset, device, step) -> float:
+def evaluate(args, schedule, model, dataset, device, step) -> float:
+    """Validation loss on --eval-iters micro-batches, forward only on megatron's schedule (its first micro-batch marks
+    a new step, so FP8 weights are the current ones)."""
+    if args.overlap_param_gather:  # as Megatron-LM: gather all parameters now instead of in forward pre-hooks
+        model.disable_forward_pre_hook()
     model.eval()
-    losses = [forward_loss(model, get_batch(dataset, args, step * args.eval_iters + i, 0, device)) for i in range(args.eval_iters)]
+    with torch.no_grad():
+        # eval round `step` reads --eval-iters consecutive micro-batches of its own, as before
+        batches = (get_batch(dataset, args, step * args.eval_iters + i, 0, device) for i in range(args.eval_iters))
+        losses_reduced = schedule(
+            forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=args.eval_iters, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=True,
+        )
     model.train()
-    total = torch.stack(losses).mean().reshape(1)
-    dist.all_reduce(total)
-    return float(total) / args.world_size
+    if args.overlap_param_gather:
+        model.enable_forward_pre_hook()
+    return _reduce_lm_loss(args, losses_reduced, device)
 
 
 def write_loss_curve(args, history) -> Optional[Path]:
@@ -336,6 +446,7 @@ def write_loss_curve(args, history) -> Optional[Path]:
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args = parse_config(argv)
+    resolve_defaults(args)
     validate(args)
     print_config(args)
 
@@ -345,6 +456,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     model, _ = build_model(args, tokenizer)
     optimizer, scheduler = build_optimizer(args, model)
     step = load_checkpoint(args, model, optimizer, scheduler) if args.load else 0
+    schedule = setup_schedule(args, model, optimizer)
     writer = _tensorboard(args)
 
     from .ops.telemetry import monitor
@@ -355,7 +467,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     while step < args.train_iters:
         logging_now = (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters
         monitor.enabled = logging_now
-        loss, grad_norm = train_step(args, model, optimizer, scheduler, datasets.train, step, device)
+        loss, grad_norm = train_step(args, schedule, model, optimizer, scheduler, datasets.train, step, device)
         monitor.enabled = False
         step += 1
         interval_steps += 1
@@ -382,7 +494,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                         writer.add_scalar(k, v, step)
             interval_start, interval_steps = time.time(), 0
         if datasets.valid is not None and (step % args.eval_interval == 0 or step == args.train_iters):
-            row["val_loss"] = evaluate(args, model, datasets.valid, device, step // args.eval_interval)
+            row["val_loss"] = evaluate(args, schedule, model, datasets.valid, device, step // args.eval_interval)
             if args.rank == 0:
                 print(f"iter {step:6d} | validation loss {row['val_loss']:.4f}", flush=True)
         history.append(row)

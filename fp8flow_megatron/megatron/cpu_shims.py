@@ -7,7 +7,19 @@ CPU emulation path. Each one replaces a CUDA-only call that has a direct CPU mea
 4. moe_utils binds te_general_gemm / fused_* only when TE imports (a megatron-core 0.16.1 bug) -> bind them to None.
 5. Split sizes for all_to_all: on GPU megatron hands numpy arrays to all_to_all_single; on CPU it would hand tensors,
    which gloo rejects -> convert the same way.
+6. The pipeline schedules count tokens in torch.zeros(..., device="cuda") -> the schedules module sees a torch whose
+   zeros() puts device="cuda" on the CPU (its only CUDA allocation; the model's ops run untouched).
 Installed only when CUDA is unavailable, idempotent, and logged.
+
+Loading a distributed-optimizer checkpoint without apex/TE (torch's Adam keeps a per-parameter 'step'; apex's and TE's
+fused Adam keep it per group), two megatron-core 0.16.1 gaps in optimizer/distrib_optimizer.py:
+  a. DistributedOptimizer.state_dict() asserts `len(steps) == 1` over the parameters' 'step', which a fresh optimizer
+     has not created: the load template cannot be built. `init_torch_adam_state_for_load` creates the state megatron's
+     init_state_fn would, with step 0 (the checkpoint then overwrites it).
+  b. load_state_dict() sets every parameter's 'step' from the checkpoint's param groups, then
+     load_parameter_state_from_dp_reshardable() copies the template's per-parameter tensors -- 'step' included, still
+     0 -- over it, so Adam's bias correction restarts. `restore_torch_adam_step_after_load` sets it back from the
+     loaded param groups.
 
 megatron.core.optimizer also creates tensors with device='cuda' (loss scale, grad-norm buffers); `cuda_to_cpu()` is a
 TorchFunctionMode for wrapping those calls (construction, step, state dict) without slowing the model's own ops.
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 
 import torch
 
@@ -89,12 +102,26 @@ def cuda_to_cpu():
     return _CudaToCpu()
 
 
+class _SchedulesTorch(types.ModuleType):
+    """torch as megatron.core.pipeline_parallel.schedules sees it on CPU: zeros(device="cuda") allocates on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if _CudaToCpu._is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
 def install_cpu_shims(force: bool = False) -> bool:
     """Install the shims if CUDA is unavailable (or force). Returns True if they are (now) installed."""
     if torch.cuda.is_available() and not force:
         return False
     if getattr(torch, _MARKER, False):
         return True
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
@@ -139,6 +166,45 @@ def install_cpu_shims(force: bool = False) -> bool:
         return out
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    # 6. the schedules' token counter
+    schedules.torch = _SchedulesTorch("torch")
     setattr(torch, _MARKER, True)
-    log.info("fp8flow: CUDA unavailable; installed megatron-core CPU shims (RNG, streams, device, TE names, splits)")
+    log.info("fp8flow: CUDA unavailable; installed megatron-core CPU shims (RNG, streams, device, TE names, splits, schedules)")
     return True
+
+
+def init_torch_adam_state_for_load(optimizer) -> None:
+    """Give every parameter of each distributed optimizer's torch Adam the state it has after a step (zeros, step 0),
+    where megatron-core runs without apex/TE (see the module docstring); a no-op elsewhere."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(p.data), exp_avg_sq=torch.zeros_like(p.data), step=torch.tensor(0.0))
+
+
+def restore_torch_adam_step_after_load(optimizer) -> None:
+    """Every parameter's torch Adam 'step' from its loaded param group (see the module docstring); a no-op with
+    apex/TE."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]))

@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 
 
 class FP8FlowGroupedMLP(TEGroupedMLP):
+    """TEGroupedMLP's parameters and checkpoint layout with the FP8-Flow expert compute.
+
+    When the expert weights are quantized: the first forward of every optimizer step, on megatron's own per-step
+    signal -- `is_first_microbatch`, which its schedules set through `set_is_first_microbatch()` on the first
+    micro-batch of each training step and of each evaluation, exactly as megatron's TE linears use it for TE's FP8
+    weight cache -- and after a checkpoint load. The other micro-batches, their backward passes and any recompute reuse
+    those codes. `config.disable_parameter_transpose_cache` (TE's is_first_microbatch=None) quantizes on every call.
+    A loop that calls the model without megatron's schedule must call `model.set_is_first_microbatch()` after each
+    optimizer step, as it must for TE's FP8 layers.
+    """
+
     def __init__(self, num_local_experts, config, submodules, pg_collection=None):
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -39,6 +50,12 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         if requested != self.gemm_engine:
             log.info("fp8flow: --moe-fp8-flow-gemm %s -> %s for %d local experts", requested, self.gemm_engine, num_local_experts)
         self._weight_cache = WeightQuantCache()
+        self.is_first_microbatch = True  # set again by megatron's schedule at every step (see the class docstring)
+        self._quantize_every_call = bool(getattr(config, "disable_parameter_transpose_cache", False))
+        # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
+        self.fuse_wgrad_accumulation = bool(getattr(config, "gradient_accumulation_fusion", False))
+        self.register_load_state_dict_post_hook(_requantize_after_load)
+        follow_megatron_step_signal()
 
     def _weights(self, linear):
         return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
@@ -46,6 +63,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         if not isinstance(permuted_local_hidden_states, Fp8FlowTensor):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        refresh = self.is_first_microbatch or self._quantize_every_call
+        self.is_first_microbatch = False
+        if refresh:
+            _wait_for_param_gather(self.linear_fc1, self.linear_fc2)
         m_splits = [int(n) for n in tokens_per_expert.tolist()]
         output = fp8_flow_experts(
             permuted_local_hidden_states,
@@ -56,8 +77,52 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             recompute=self.expert_recompute,
             cache=self._weight_cache,
             gemm_engine=self.gemm_engine,
+            refresh_weights=refresh,
+            fuse_wgrad_accumulation=self.fuse_wgrad_accumulation,
         )
         return output, None
+
+
+def _requantize_after_load(module, incompatible_keys) -> None:
+    module.is_first_microbatch = True
+
+
+def _wait_for_param_gather(*linears) -> None:
+    """With the distributed optimizer's --overlap-param-gather, megatron's DDP waits for a module's pending parameter
+    all-gather in that module's forward pre-hook. FP8-Flow reads linear_fc1/fc2's weights without calling their
+    forward, so it runs their pre-hooks itself before quantizing the weights (a no-op without the overlap)."""
+    for linear in linears:
+        for hook in tuple(linear._forward_pre_hooks.values()):
+            hook(linear, ())
+
+
+def follow_megatron_step_signal() -> None:
+    """Make megatron's per-step signal reach FP8-Flow experts whatever config.fp8 says.
+
+    `MegatronModule.set_is_first_microbatch()` (megatron-core 0.16: transformer/module.py), which the schedules call on
+    each step's first micro-batch, marks modules only when config.fp8/fp4 is set -- only then do TE modules cache FP8
+    weights. FP8-Flow experts cache FP8 weights whenever --moe-fp8-flow is on, also where config.fp8 stays None (CPU,
+    no TE), so the call additionally marks every FP8FlowGroupedMLP below the module it is called on. Narrow (the
+    original runs unchanged first), idempotent, installed on first use, logged.
+    """
+    from megatron.core.transformer.module import MegatronModule
+
+    original = MegatronModule.set_is_first_microbatch
+    if getattr(original, "_fp8flow", False):
+        return
+
+    def set_is_first_microbatch(self):
+        original(self)
+        experts = self.__dict__.get("_fp8flow_experts")
+        if experts is None:  # found once per module, as megatron caches modules_with_is_first_microbatch
+            experts = self.__dict__["_fp8flow_experts"] = [m for m in self.modules() if isinstance(m, FP8FlowGroupedMLP)]
+        for m in experts:
+            m.is_first_microbatch = True
+
+    set_is_first_microbatch._fp8flow = True
+    set_is_first_microbatch.__doc__ = original.__doc__
+    MegatronModule.set_is_first_microbatch = set_is_first_microbatch
+    log.info("fp8flow: MegatronModule.set_is_first_microbatch also marks FP8-Flow experts (weights requantized per step)")
 
 
 class EmulatedGroupedLinear(torch.nn.Module):

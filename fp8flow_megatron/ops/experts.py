@@ -7,8 +7,11 @@ Backward  dY2 arrives FP8 (the combine gradient, quantized once upstream)
           dSwiGLU + quant (fused) -> dY1 fp8 [N, 2F] and d probs
           fc1 dgrad: dY1 @ W1^T -> dX [N, H];   fc1 wgrad: T(dY1) . T(x_fp8) per expert
 T(.) is the scaling-aware transpose (row-wise FP8 -> column-wise FP8 from the codes), never a BF16 copy. Weights are
-quantized 128x128 once per optimizer step (cached while the parameter is unchanged); W^T is the exact 128x128
-block transpose. Expert-level recompute keeps only x_fp8 (needed for wgrad anyway) and re-runs fc1 -> SwiGLU+quant.
+quantized 128x128 once per optimizer step: the caller says when a step begins (megatron's is_first_microbatch
+protocol, see megatron/experts.py) and the step's micro-batches, their backward passes and recompute reuse the codes;
+W^T is the exact 128x128 block transpose. Expert-level recompute keeps only x_fp8 (needed for wgrad anyway) and
+re-runs fc1 -> SwiGLU+quant. With fuse_wgrad_accumulation (megatron's gradient_accumulation_fusion) the weight
+gradients are accumulated straight into each weight's fp32 `main_grad`, as TE's grouped linear does.
 """
 
 from __future__ import annotations
@@ -25,28 +28,73 @@ from .telemetry import monitor
 
 
 class WeightQuantCache:
-    """128x128 FP8 copies of expert weights (in the GEMM engine's form: both usages), requantized only when a weight
-    changes.
+    """128x128 FP8 copies of one layer's expert weights, in the GEMM engine's form (both usages), made when the caller
+    says a new optimizer step began and reused until the next one.
 
-    A parameter's version counter moves on every in-place update (optimizer step, checkpoint load), so the cache
-    follows TE's is_first_microbatch semantics without being told: micro-batches within a step reuse the codes.
+    Why not notice weight changes by themselves: megatron's bf16 and distributed optimizers write new weights through
+    `param.data` / the DDP parameter buffer, which moves neither the parameter's version counter nor its data pointer,
+    so a cache keyed on them stays at the step-0 weights forever (shared/DESIGN.md section 1).
     """
 
     def __init__(self) -> None:
         self._entries = {}
+        self.num_quantizations = 0  # per linear; read by tests and telemetry
 
-    def get_group(self, weights, engine):
-        """All experts' weights of one linear in the engine's form (a list, or one stacked buffer), requantized when
-        any of them changed."""
-        key = (tuple(id(w) for w in weights), engine.name)
-        stamp = tuple((w._version, w.data_ptr(), tuple(w.shape)) for w in weights)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
+    def get_group(self, name: str, weights, engine, refresh: bool):
+        """All experts' weights of linear `name` in the engine's form (a list, or one stacked buffer): quantized anew
+        when `refresh` (a new optimizer step) or when nothing fitting is cached, else the cached codes."""
+        hit = self._entries.get(name)
+        if not refresh and hit is not None and hit[0] == (engine.name, len(weights)):
             return hit[1]
         with torch.no_grad():
             w_q = engine.quantize_weights(weights)
-        self._entries[key] = (stamp, w_q)
+        self._entries[name] = ((engine.name, len(weights)), w_q)
+        self.num_quantizations += 1
         return w_q
+
+    def cached(self, name: str):
+        """What the last forward of linear `name` used (None before the first one)."""
+        hit = self._entries.get(name)
+        return None if hit is None else hit[1]
+
+
+_DUMMY_WGRAD = {}
+
+
+def _dummy_wgrad(weight: torch.Tensor) -> torch.Tensor:
+    """A zero gradient of the weight's shape, returned after the real one went into main_grad: megatron's DDP hook
+    fires on the parameter's gradient accumulation (with --overlap-grad-reduce it asserts a gradient arrived), sees
+    grad_added_to_main_grad and drops it. One cached buffer per shape, handed out as fresh detached views so that
+    autograd adopts it as `.grad` without a copy (TE's get_dummy_wgrad does the same)."""
+    key = (tuple(weight.shape), weight.dtype, weight.device)
+    zero = _DUMMY_WGRAD.get(key)
+    if zero is None:
+        zero = _DUMMY_WGRAD[key] = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    return zero.detach()
+
+
+def _main_grads(weights) -> list:
+    missing = [i for i, w in enumerate(weights) if getattr(w, "main_grad", None) is None]
+    if missing:
+        raise RuntimeError(
+            "fp8flow: gradient_accumulation_fusion is on but expert weights have no .main_grad (megatron's "
+            "DistributedDataParallel creates it). Wrap the model in megatron.core.distributed.DistributedDataParallel, "
+            "or turn the fusion off (--no-gradient-accumulation-fusion / config.gradient_accumulation_fusion=False)."
+        )
+    return [w.main_grad for w in weights]
+
+
+def _expert_wgrad(engine, g_q, x_q, m_splits, weights, fuse: bool):
+    """Weight gradients of one linear: into main_grad (returning dummies) when fusing, else as autograd gradients."""
+    if not weights:
+        return []
+    if not fuse:
+        return engine.wgrad(g_q, x_q, m_splits, weights[0].dtype)
+    main_grads = _main_grads(weights)
+    engine.wgrad(g_q, x_q, m_splits, main_grads[0].dtype, accumulate_into=main_grads)
+    for w in weights:
+        w.grad_added_to_main_grad = True
+    return [_dummy_wgrad(w) for w in weights]
 
 
 def _pack(q: Fp8Blockwise) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -65,18 +113,21 @@ def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype):
 
 class _Fp8FlowExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, *weights):
+    def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, refresh, fuse_wgrad, *weights):
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
         b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name, num_experts)
         x_q = x.fp8
         out_dtype = x.dtype
-        w1_q = cache.get_group(w1, engine)
-        w2_q = cache.get_group(w2, engine)
+        w1_q = cache.get_group("fc1", w1, engine, refresh)
+        w2_q = cache.get_group("fc2", w2, engine, refresh)
         y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
         y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
-        ctx.m_splits, ctx.recompute, ctx.cache, ctx.out_dtype = list(m_splits), recompute, cache, out_dtype
-        ctx.num_experts, ctx.engine_name = num_experts, engine_name
+        ctx.m_splits, ctx.recompute, ctx.out_dtype = list(m_splits), recompute, out_dtype
+        ctx.num_experts, ctx.engine_name, ctx.fuse_wgrad = num_experts, engine_name, fuse_wgrad
+        # The FP8 weights this forward used: backward and recompute must use the same ones (no tensor copies: these
+        # are the cache's objects).
+        ctx.w1_q, ctx.w2_q = w1_q, w2_q
         saved = [*_pack(x_q), probs]
         if not recompute:
             saved += [y1, *_pack(a_q)]
@@ -96,8 +147,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         else:
             y1, a_q, weights = rest[0], _unpack(rest[1], rest[2]), rest[3:]
         w1, w2 = weights[:n_e], weights[n_e:]
-        w1_q = ctx.cache.get_group(w1, engine)
-        w2_q = ctx.cache.get_group(w2, engine)
+        w1_q, w2_q = ctx.w1_q, ctx.w2_q
         if ctx.recompute:
             y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
 
@@ -108,11 +158,11 @@ class _Fp8FlowExperts(torch.autograd.Function):
             monitor.observe("expert_out_grad", grad_y2, g2_q)
 
         grad_a = engine.dgrad(g2_q, w2_q, m_splits, out_dtype)
-        dw2 = engine.wgrad(g2_q, a_q, m_splits, w2[0].dtype) if n_e else []
+        dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad)
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(grad_a, y1, probs)
         grad_x = engine.dgrad(g1_q, w1_q, m_splits, out_dtype)
-        dw1 = engine.wgrad(g1_q, x_q, m_splits, w1[0].dtype) if n_e else []
-        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, *dw1, *dw2)
+        dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad)
+        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, *dw1, *dw2)
 
 
 def fp8_flow_experts(
@@ -124,6 +174,8 @@ def fp8_flow_experts(
     recompute: bool = False,
     cache: WeightQuantCache = None,
     gemm_engine: str = "auto",
+    refresh_weights: bool = True,
+    fuse_wgrad_accumulation: bool = False,
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -131,12 +183,18 @@ def fp8_flow_experts(
     probs:       [N] fp32 routing weights (0 on padding rows); receives a gradient.
     m_splits:    rows per expert (python ints, summing to N).
     fc1_weights: per expert [2F, H] (gate rows first); fc2_weights: per expert [H, F].
+    cache:       the layer's WeightQuantCache (None: a fresh one, i.e. quantize now).
     gemm_engine: "triton" (one launch per GEMM for all experts), "te" (TE's grouped GEMM) or "auto" (by the number
                  of experts: ops.gemm_engine.resolve_gemm_engine); CPU always runs the reference.
+    refresh_weights: quantize the weights anew (the first micro-batch of an optimizer step, or evaluation after
+                 one); False reuses the cache's codes from earlier in the step.
+    fuse_wgrad_accumulation: accumulate the weight gradients into each weight's `main_grad` (megatron's
+                 gradient_accumulation_fusion; the autograd gradients returned are zero dummies), else return them.
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):
         raise TypeError("fp8_flow_experts needs the FP8 payload from the FP8-Flow dispatcher (an Fp8FlowTensor)")
     return _Fp8FlowExperts.apply(
-        x, probs, list(m_splits), recompute, cache or WeightQuantCache(), gemm_engine, *fc1_weights, *fc2_weights
+        x, probs, list(m_splits), recompute, cache or WeightQuantCache(), gemm_engine, bool(refresh_weights),
+        bool(fuse_wgrad_accumulation), *fc1_weights, *fc2_weights,
     )

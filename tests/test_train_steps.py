@@ -1,0 +1,110 @@
+"""The trainer follows megatron's per-step protocol: FP8-Flow's FP8 expert weights are the quantization of the live
+weights at every forward of every step, in every optimizer setting (fp32, bf16, bf16 + distributed optimizer), they
+are quantized exactly once per step (and once per evaluation), and finalize_model_grads runs (the aux-loss-free expert
+bias moves).
+
+Each case runs fp8flow_megatron.train.main in a spawned process (torch.distributed and megatron's parallel state are
+process-global) with two probes patched in: every FP8-Flow expert forward records the 128x128 quantization of its live
+weights, and the reference GEMM engine checks that the FP8 weights its fprop receives are bit-identical to them.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fp8flow_megatron.train import DEFAULT_CONFIG
+
+from .megatron.mcore_env import spawn
+
+STEPS, EVALS, LAYERS = 4, 2, 2
+ARGS = ["--config", str(DEFAULT_CONFIG), "--num-layers", str(LAYERS), "--seq-length", "64", "--max-position-embeddings",
+        "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(STEPS), "--log-interval", "2",
+        "--lr-warmup-iters", "1", "--eval-interval", str(STEPS // EVALS), "--eval-iters", "1", "--lr", "3e-3"]
+
+
+def _probe_worker(rank, world_size, port, argv, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    from fp8flow_megatron import train
+    from fp8flow_megatron.megatron.experts import FP8FlowGroupedMLP
+    from fp8flow_megatron.numerics import dequantize, quantize_128x128
+    from fp8flow_megatron.ops.fp8_tensor import Fp8FlowTensor
+    from fp8flow_megatron.ops.gemm_engine import ReferenceGemm
+
+    expected, report = [], {"fprops": 0, "mismatched": [], "quantizations": 0, "stale_gap": 0.0}
+    forward, fprop, quantize = FP8FlowGroupedMLP.forward, ReferenceGemm.fprop, ReferenceGemm.quantize_weights
+
+    def probed_forward(self, x, tokens_per_expert, probs):
+        if isinstance(x, Fp8FlowTensor):  # fc1 then fc2: what the forward must use now
+            for linear in (self.linear_fc1, self.linear_fc2):
+                expected.append([quantize_128x128(w.detach()) for w in self._weights(linear)])
+        return forward(self, x, tokens_per_expert, probs)
+
+    def probed_fprop(self, x_q, weights, m_splits, out_dtype):
+        want = expected.pop(0)
+        report["fprops"] += 1
+        for i, ((w_q, _), ref) in enumerate(zip(weights, want)):
+            if not (torch.equal(w_q.data.view(torch.uint8), ref.data.view(torch.uint8)) and torch.equal(w_q.scale_inv, ref.scale_inv)):
+                gap = float((dequantize(w_q) - dequantize(ref)).norm() / dequantize(ref).norm())
+                report["mismatched"].append((report["fprops"], i))
+                report["stale_gap"] = max(report["stale_gap"], gap)
+        return fprop(self, x_q, weights, m_splits, out_dtype)
+
+    def counted_quantize(self, weights):
+        report["quantizations"] += 1
+        return quantize(self, weights)
+
+    FP8FlowGroupedMLP.forward, ReferenceGemm.fprop = probed_forward, probed_fprop
+    ReferenceGemm.quantize_weights = counted_quantize
+    built = {}
+    build_model = train.build_model
+
+    def keep_model(args, tokenizer):
+        built["model"], config = build_model(args, tokenizer)
+        return built["model"], config
+
+    train.build_model = keep_model
+    history = train.main(argv + ["--output-dir", f"{tmp}/run", "--data-cache-path", f"{tmp}/cache"])
+    report["losses"] = [row["loss"] for row in history]
+    report["expert_bias"] = [
+        m.expert_bias.detach().float().clone() for m in built["model"].modules() if getattr(m, "expert_bias", None) is not None
+    ]
+    return report
+
+
+def _run(tmp_path, extra):
+    return spawn(_probe_worker, 1, ARGS + list(extra), str(tmp_path))[0]
+
+
+OPTIMIZERS = {"fp32": [], "bf16": ["--bf16"], "bf16_distributed": ["--bf16", "--use-distributed-optimizer"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_fp8_expert_weights_follow_every_optimizer_step(tmp_path, optimizer):
+    report = _run(tmp_path, OPTIMIZERS[optimizer])
+    # 2 micro-batches per step x STEPS steps + EVALS evaluations of 1 micro-batch, each an fc1 and an fc2 fprop per layer
+    assert report["fprops"] == (2 * STEPS + EVALS) * LAYERS * 2
+    assert not report["mismatched"], (
+        f"{optimizer}: {len(report['mismatched'])} expert fprops used stale FP8 weights (relative L2 gap to the live "
+        f"weights' quantization up to {report['stale_gap']:.3g})"
+    )
+    # exactly once per step and per evaluation, for each linear of each layer: micro-batches reuse the codes
+    assert report["quantizations"] == (STEPS + EVALS) * LAYERS * 2
+    assert report["losses"][-1] < report["losses"][0]
+
+
+@pytest.mark.slow
+def test_expert_bias_updates_through_finalize_model_grads(tmp_path):
+    """Aux-loss-free balancing (DeepSeek-V3's --moe-router-enable-expert-bias): megatron updates the bias in
+    finalize_model_grads from the step's token counts; a loop that skips it leaves the bias at zero."""
+    report = _run(tmp_path, ["--bf16", "--use-distributed-optimizer", "--moe-router-enable-expert-bias",
+                             "--moe-router-score-function", "sigmoid", "--moe-router-load-balancing-type", "none",
+                             "--moe-aux-loss-coeff", "0", "--moe-router-bias-update-rate", "1e-2"])
+    biases = report["expert_bias"]
+    assert len(biases) == LAYERS
+    for bias in biases:
+        assert float(bias.abs().sum()) > 0, "the expert bias never moved: finalize_model_grads did not run"
+        steps = bias / 1e-2  # each update adds +-rate (or 0) per expert (megatron keeps the bias fp32 in the router;
+        # between steps Float16Module's bf16 copy can round it, hence the tolerance)
+        assert torch.allclose(steps, steps.round(), atol=2e-2) and float(steps.abs().max()) <= STEPS + 0.1
