@@ -24,25 +24,33 @@ ARGS = ["--config", str(DEFAULT_CONFIG), "--num-layers", str(LAYERS), "--seq-len
 
 
 def _probe_worker(rank, world_size, port, argv, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     from fp8flow_megatron import train
     from fp8flow_megatron.megatron.experts import FP8FlowGroupedMLP
     from fp8flow_megatron.numerics import dequantize, quantize_128x128
     from fp8flow_megatron.ops.fp8_tensor import Fp8FlowTensor
     from fp8flow_megatron.ops.gemm_engine import ReferenceGemm
 
-    expected, report = [], {"fprops": 0, "mismatched": [], "quantizations": 0, "stale_gap": 0.0}
+    expected, report = [], {"fprops": 0, "mismatched": [], "quantizations": 0, "stale_gap": 0.0, "ungathered": 0, "used": []}
+    built = {}
     forward, fprop, quantize = FP8FlowGroupedMLP.forward, ReferenceGemm.fprop, ReferenceGemm.quantize_weights
 
     def probed_forward(self, x, tokens_per_expert, probs):
-        if isinstance(x, Fp8FlowTensor):  # fc1 then fc2: what the forward must use now
-            for linear in (self.linear_fc1, self.linear_fc2):
-                expected.append([quantize_128x128(w.detach()) for w in self._weights(linear)])
+        if isinstance(x, Fp8FlowTensor):  # fc1 then fc2: whose live weights the next two fprops must use
+            expected.extend([self._weights(self.linear_fc1), self._weights(self.linear_fc2)])
         return forward(self, x, tokens_per_expert, probs)
 
     def probed_fprop(self, x_q, weights, m_splits, out_dtype):
-        want = expected.pop(0)
+        # quantized here, not at forward entry: with --overlap-param-gather the weights arrive inside the forward
+        live = expected.pop(0)
+        want = [quantize_128x128(w.detach()) for w in live]
+        # and by then their all-gather must have been waited for (megatron's DDP drops the handle once it has)
+        buckets = getattr(built.get("model"), "param_to_bucket_group", {})
+        report["ungathered"] += sum(1 for w in live if w in buckets and buckets[w].param_gather_handle is not None)
         report["fprops"] += 1
+        # the same on every data-parallel rank: a rank whose expert shards were never all-gathered computes with stale
+        # weights while its local comparison above still agrees with itself
+        report["used"].append(sum(float(w_q.data.float().sum()) + float(w_q.scale_inv.sum()) for w_q, _ in weights))
         for i, ((w_q, _), ref) in enumerate(zip(weights, want)):
             if not (torch.equal(w_q.data.view(torch.uint8), ref.data.view(torch.uint8)) and torch.equal(w_q.scale_inv, ref.scale_inv)):
                 gap = float((dequantize(w_q) - dequantize(ref)).norm() / dequantize(ref).norm())
@@ -56,7 +64,6 @@ def _probe_worker(rank, world_size, port, argv, tmp):
 
     FP8FlowGroupedMLP.forward, ReferenceGemm.fprop = probed_forward, probed_fprop
     ReferenceGemm.quantize_weights = counted_quantize
-    built = {}
     build_model = train.build_model
 
     def keep_model(args, tokenizer):
@@ -72,23 +79,37 @@ def _probe_worker(rank, world_size, port, argv, tmp):
     return report
 
 
-def _run(tmp_path, extra):
-    return spawn(_probe_worker, 1, ARGS + list(extra), str(tmp_path))[0]
+def _run(tmp_path, extra, world_size=1):
+    reports = spawn(_probe_worker, world_size, ARGS + list(extra), str(tmp_path))
+    for rank in range(1, world_size):
+        assert reports[rank]["used"] == reports[0]["used"], f"rank {rank}'s experts used other FP8 weights than rank 0's"
+    return reports[0]
 
 
-OPTIMIZERS = {"fp32": [], "bf16": ["--bf16"], "bf16_distributed": ["--bf16", "--use-distributed-optimizer"]}
+OPTIMIZERS = {
+    "fp32": ([], 1),
+    "bf16": (["--bf16"], 1),
+    "bf16_distributed": (["--bf16", "--use-distributed-optimizer"], 1),
+    # two data-parallel ranks: the parameter all-gather is real and overlapped with the next forward, which must wait
+    # for it before quantizing (FP8-Flow runs linear_fc1/fc2's DDP pre-hooks itself)
+    "bf16_distributed_overlap_dp2": (["--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                      "--overlap-param-gather"], 2),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_fp8_expert_weights_follow_every_optimizer_step(tmp_path, optimizer):
-    report = _run(tmp_path, OPTIMIZERS[optimizer])
-    # 2 micro-batches per step x STEPS steps + EVALS evaluations of 1 micro-batch, each an fc1 and an fc2 fprop per layer
-    assert report["fprops"] == (2 * STEPS + EVALS) * LAYERS * 2
+    extra, world_size = OPTIMIZERS[optimizer]
+    report = _run(tmp_path, extra, world_size)
+    micro_batches = 2 // world_size  # global batch 4 = micro-batch 2 x DP x micro-batches
+    # micro-batches x STEPS steps + EVALS evaluations of 1 micro-batch, each an fc1 and an fc2 fprop per layer
+    assert report["fprops"] == (micro_batches * STEPS + EVALS) * LAYERS * 2
     assert not report["mismatched"], (
         f"{optimizer}: {len(report['mismatched'])} expert fprops used stale FP8 weights (relative L2 gap to the live "
         f"weights' quantization up to {report['stale_gap']:.3g})"
     )
+    assert report["ungathered"] == 0, f"{optimizer}: FP8 weights quantized before their parameter all-gather finished"
     # exactly once per step and per evaluation, for each linear of each layer: micro-batches reuse the codes
     assert report["quantizations"] == (STEPS + EVALS) * LAYERS * 2
     assert report["losses"][-1] < report["losses"][0]
