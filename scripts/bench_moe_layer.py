@@ -13,6 +13,9 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   fp8flow_recomp  the same with --moe-expert-recompute
   fp8flow_triton, fp8flow_te (and fp8flow_recomp_triton / _te)  an engine forced: the Triton kernels, or TE's
                   grouped GEMM on the pre-quantized FP8
+Every timed fwd+bwd is a training step of one micro-batch: the FP8 weight caches (TE's, FP8-Flow's) are marked stale
+first, as megatron's schedule does, so weight quantization is counted (--frozen-weights: quantized once, as in the
+tables before 2026-12-01).
 Reported per variant: median fwd+bwd time (CUDA events), peak memory above the resident tensors, activation memory
 (allocated after forward), standalone quantize/cast/transpose kernel launches per fwd+bwd (torch.profiler, names
 listed), and the relative L2 error of output, input grad, router grad and expert-weight grads vs an fp32 layer.
@@ -168,7 +171,23 @@ class AllToAllBytes:
 A2A = AllToAllBytes()
 
 
+NEW_STEP = True  # --frozen-weights turns it off
+
+
+def new_step(layer):
+    """What megatron's schedule does at the first micro-batch of a training step (set_is_first_microbatch): every
+    module that caches FP8 weights -- megatron's TE linears, FP8-Flow's experts -- quantizes them anew. Each timed
+    fwd+bwd is one step of one micro-batch, so weight quantization is counted, for every variant."""
+    modules = layer.__dict__.get("_step_modules")
+    if modules is None:
+        modules = layer.__dict__["_step_modules"] = [m for m in layer.modules() if hasattr(m, "is_first_microbatch")]
+    for m in modules:
+        m.is_first_microbatch = True
+
+
 def fwd_bwd(layer, fp8, x, g):
+    if NEW_STEP:
+        new_step(layer)
     x = x.detach().requires_grad_()
     with fp8_context(fp8):
         y, _ = layer(x)
@@ -390,6 +409,7 @@ def format_table(results, args) -> str:
     if ep == 1:
         title = f"### MoE layer fwd+bwd, DeepSeek-V2-Lite shapes, {args.tokens} tokens, EP=1 — {device}"
         command = f"python scripts/bench_moe_layer.py --tokens {args.tokens} --iters {args.iters}"
+        command += " --frozen-weights" if args.frozen_weights else ""
     else:
         title = f"### MoE layer fwd+bwd, DeepSeek-V2-Lite shapes, {args.tokens} tokens per GPU, EP={ep} — {ep}x {device}"
         command = f"torchrun --nproc-per-node {ep} scripts/bench_moe_layer.py --ep {ep} --tokens {args.tokens} --iters {args.iters}"
@@ -435,7 +455,11 @@ def main():
     ap.add_argument("--variants", default="bf16,te_blockwise,fp8flow,fp8flow_recomp,fp8flow_triton,fp8flow_te")
     ap.add_argument("--profile", action="store_true", help="print the top kernels by GPU time per variant")
     ap.add_argument("--write", default=None, help="append the table to this markdown file (rank 0)")
+    ap.add_argument("--frozen-weights", action="store_true",
+                    help="quantize weights only once (the tables before 2026-12-01): leaves weight quantization out")
     args = ap.parse_args()
+    global NEW_STEP
+    NEW_STEP = not args.frozen_weights
 
     rank = init_distributed(args)
     A2A.install()

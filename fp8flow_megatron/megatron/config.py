@@ -192,6 +192,14 @@ def validation_errors(src: Any) -> List[str]:
     )
     need(not _get(src, "moe_apply_probs_on_input", default=False), "--moe-apply-probs-on-input is not supported with FP8-Flow. Fix: remove it.")
     need(_get(src, "moe_latent_size") is None, "--moe-latent-size is not supported with FP8-Flow. Fix: remove it.")
+    need(
+        not (_get(src, "fp8_param_gather", default=False) or _get(src, "fp8_param", default=False)),
+        "--fp8-param-gather keeps the weights as TE FP8 tensors that TE requantizes inside the optimizer step; "
+        "FP8-Flow's experts quantize their BF16 weights themselves once per step (and its 128x128 codes are not TE's "
+        "parameter storage), so the experts would read neither copy correctly. Fix: drop --fp8-param-gather (the "
+        "BF16 parameter all-gather of the distributed optimizer works with FP8-Flow, also with "
+        "--overlap-param-gather).",
+    )
     modules = _get(src, "recompute_modules", default=None) or []
     need(
         "moe_act" not in modules,

@@ -43,6 +43,8 @@ def test_good_config_validates():
         ({"recompute_modules": ["moe_act"]}, "moe_act", "--moe-expert-recompute"),
         ({"moe_latent_size": 256}, "--moe-latent-size", "remove"),
         ({"moe_fp8_flow_gemm": "cublas"}, "--moe-fp8-flow-gemm is 'cublas'", "--moe-fp8-flow-gemm auto"),
+        ({"fp8_param_gather": True}, "--fp8-param-gather", "drop --fp8-param-gather"),
+        ({"fp8_param": True}, "--fp8-param-gather", "drop --fp8-param-gather"),
     ],
 )
 def test_each_validation_error_names_flag_and_fix(change, flag_in_message, fix_in_message):
