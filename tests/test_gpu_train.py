@@ -87,8 +87,9 @@ def _worker(rank, world_size, port, engine, tmp):
 @pytest.mark.parametrize("engine", ["triton", "te"])
 def test_trainer_requantizes_te_and_fp8flow_weights_every_step(tmp_path, engine):
     report = spawn(_worker, 1, engine, str(tmp_path))[0]
-    assert report["expert_forwards"] == 2 * STEPS * 2  # 2 micro-batches x STEPS x 2 MoE layers
     assert report["expert_stale"] == 0, report
+    # (2 micro-batches x STEPS + the final evaluation's 1) x 2 MoE layers
+    assert report["expert_forwards"] == (2 * STEPS + 1) * 2, report
     assert report["te_forwards"] > 0, "no TE linear cached an FP8 weight: is the TE recipe on?"
     assert report["te_stale"] == 0, f"TE linears computed with stale FP8 weights: {report}"
     # megatron's protocol as the TE linears saw it: each step's first micro-batch True, the second False
