@@ -96,3 +96,21 @@ def test_trainer_requantizes_te_and_fp8flow_weights_every_step(tmp_path, engine)
     flags = report["te_first_flags"]
     assert True in flags and False in flags, flags
     assert report["losses"][-1] < report["losses"][0]
+
+
+def test_bf16_distributed_optimizer_resume_is_exact_on_gpu(tmp_path):
+    """Save at iteration 3 of 6 through megatron dist checkpointing (TE's FusedAdam state, 'dp_reshardable') and resume:
+    the resumed iterations' losses equal the uninterrupted run's. The saving run repeats the uninterrupted one first
+    (same command up to the save), which separates a nondeterministic GPU run from a wrong resume."""
+    from .test_train import _losses, _run
+
+    base = ARGS[2:] + ["--train-iters", "6", "--moe-fp8-flow-gemm", "triton"]  # ARGS[:2] is the default --config
+    _run(base + ["--output-dir", str(tmp_path / "full")], tmp_path)
+    _run(base + ["--save", str(tmp_path / "ckpt"), "--save-interval", "3", "--output-dir", str(tmp_path / "first")], tmp_path)
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
+    _run(base + ["--load", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / "resumed")], tmp_path)
+    full, first, resumed = (_losses(tmp_path / d) for d in ("full", "first", "resumed"))
+    assert first == full, f"two identical GPU runs differ (nondeterminism, not resume): {first} vs {full}"
+    assert sorted(resumed) == [4, 5, 6]
+    for it in resumed:
+        assert resumed[it] == full[it], (it, resumed[it], full[it])
