@@ -173,38 +173,35 @@ def install_cpu_shims(force: bool = False) -> bool:
     return True
 
 
-def init_torch_adam_state_for_load(optimizer) -> None:
-    """Give every parameter of each distributed optimizer's torch Adam the state it has after a step (zeros, step 0),
-    where megatron-core runs without apex/TE (see the module docstring); a no-op elsewhere."""
+def _torch_adams_of_distributed_optimizers(optimizer):
+    """The torch Adam inside each DistributedOptimizer of a (chained) megatron optimizer -- none when megatron-core
+    runs apex's or TE's fused Adam, which keeps 'step' per group (see the module docstring)."""
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
-            continue
-        inner = opt.optimizer
-        for group in inner.param_groups:
+        return []
+    return [
+        opt.optimizer
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(opt, distrib_optimizer.DistributedOptimizer)
+    ]
+
+
+def init_torch_adam_state_for_load(optimizer) -> None:
+    """Give every parameter of each distributed optimizer's torch Adam the state it has after a step (zeros, step 0),
+    where megatron-core runs without apex/TE (see the module docstring); a no-op elsewhere."""
+    for adam in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in adam.param_groups:
             for p in group["params"]:
-                state = inner.state[p]
-                if not state:
-                    state.update(exp_avg=torch.zeros_like(p.data), exp_avg_sq=torch.zeros_like(p.data), step=torch.tensor(0.0))
+                if not adam.state[p]:
+                    adam.state[p].update(exp_avg=torch.zeros_like(p.data), exp_avg_sq=torch.zeros_like(p.data), step=torch.tensor(0.0))
 
 
 def restore_torch_adam_step_after_load(optimizer) -> None:
     """Every parameter's torch Adam 'step' from its loaded param group (see the module docstring); a no-op with
     apex/TE."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
-            continue
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
+    for adam in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in adam.param_groups:
             for p in group["params"]:
-                if "step" in inner.state[p]:
-                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
+                if "step" in group and "step" in adam.state[p]:
+                    adam.state[p]["step"] = torch.tensor(float(group["step"]))
