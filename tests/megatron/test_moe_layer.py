@@ -176,3 +176,29 @@ def test_moe_layer_recompute_runs_the_dispatcher_again(megatron_ep1):
         assert torch.equal(u, v)
     for (n, p), (_, q) in zip(plain.named_parameters(), recomputed.named_parameters()):
         assert torch.equal(p.grad, q.grad), n
+
+
+def test_fp8_weights_follow_load_and_the_step_signal(megatron_ep1):
+    """The experts' FP8 weights are quantized on megatron's per-step signal (set_is_first_microbatch) and after a
+    checkpoint load -- never from tensor version counters, which megatron's optimizers do not move. Within a step
+    (no signal) a changed weight is not re-read; after the signal, or a load, it is."""
+    from megatron.core.transformer.module import MegatronModule
+
+    torch.manual_seed(4)
+    flow = moe_layer(moe_config(True))
+    x = torch.randn(16, 2, 128)
+    y0 = run_layer(flow, x)[0]
+    with torch.no_grad():  # as megatron's optimizers write: through .data, the version counter stays
+        for w in flow.experts.parameters():
+            w.data.mul_(1.5)
+    assert torch.equal(run_layer(flow, x)[0], y0)  # same step: the step's codes are reused
+    MegatronModule.set_is_first_microbatch(flow)  # the schedule's call on the next step's first micro-batch
+    y1 = run_layer(flow, x)[0]
+    fresh = moe_layer(moe_config(True))
+    fresh.load_state_dict(flow.state_dict())
+    assert torch.equal(y1, run_layer(fresh, x)[0]) and not torch.equal(y1, y0)
+    state = {k: v * 0.5 if "experts" in k and torch.is_tensor(v) else v for k, v in flow.state_dict().items()}
+    flow.load_state_dict(state)  # a checkpoint load: the next forward quantizes the loaded weights
+    fresh.load_state_dict(state)
+    fresh.experts.is_first_microbatch = True
+    assert torch.equal(run_layer(flow, x)[0], run_layer(fresh, x)[0])
