@@ -459,7 +459,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     schedule = setup_schedule(args, model, optimizer)
     writer = _tensorboard(args)
 
+    from megatron.core import parallel_state
+
+    from .megatron.telemetry import attach_routing_telemetry
     from .ops.telemetry import monitor
+
+    attach_routing_telemetry(model)
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     history: List[dict] = []
     tokens_per_step = args.global_batch_size * args.seq_length
@@ -474,24 +480,28 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         row = {"iteration": step, "loss": loss}
         if logging_now:
             elapsed = time.time() - interval_start
-            health = monitor.summary()
+            health = monitor.summary(dp_group)  # every rank: routing counts are summed over data-parallel ranks
             monitor.reset()
             row.update(
                 lr=scheduler.optimizer.param_groups[0]["lr"], tokens_per_s=tokens_per_step * interval_steps / elapsed,
                 peak_mem_gb=peak_memory_gb(args), grad_norm=grad_norm, fp8_underflow=health["underflow_frac"],
-                dead_experts=health["dead_expert_frac"],
+                dead_experts=health["dead_expert_frac"], load_imbalance=health.get("load_imbalance"),
+                health=health,
             )
             if args.rank == 0:
                 print(
                     f"iter {step:6d}/{args.train_iters} | loss {loss:.4f} | lr {row['lr']:.3e} | "
                     f"tokens/s {row['tokens_per_s']:9.1f} | peak mem {row['peak_mem_gb']:.2f} GB | "
-                    f"fp8 underflow {row['fp8_underflow']:.2e} | dead experts {row['dead_experts']:.2f}",
+                    f"fp8 underflow {row['fp8_underflow']:.2e} | dead experts {row['dead_experts']:.2f}"
+                    + (f" | load imbalance {row['load_imbalance']:.2f}" if row["load_imbalance"] is not None else ""),
                     flush=True,
                 )
             if writer:
                 for k, v in row.items():
-                    if k != "iteration" and v is not None:
+                    if k not in ("iteration", "health") and v is not None:
                         writer.add_scalar(k, v, step)
+                for k, v in health.items():
+                    writer.add_scalar(f"health/{k}", v, step)
             interval_start, interval_steps = time.time(), 0
         if datasets.valid is not None and (step % args.eval_interval == 0 or step == args.train_iters):
             row["val_loss"] = evaluate(args, schedule, model, datasets.valid, device, step // args.eval_interval)

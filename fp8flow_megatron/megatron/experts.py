@@ -54,6 +54,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self._quantize_every_call = bool(getattr(config, "disable_parameter_transpose_cache", False))
         # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
         self.fuse_wgrad_accumulation = bool(getattr(config, "gradient_accumulation_fusion", False))
+        self.telemetry_prefix = ""  # "layer{N}/", set by FP8FlowMoELayer: FP8 health sites per layer
         self.register_load_state_dict_post_hook(_requantize_after_load)
         follow_megatron_step_signal()
 
@@ -79,6 +80,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             gemm_engine=self.gemm_engine,
             refresh_weights=refresh,
             fuse_wgrad_accumulation=self.fuse_wgrad_accumulation,
+            telemetry_site_prefix=self.telemetry_prefix,
         )
         return output, None
 

@@ -32,3 +32,15 @@ class FP8FlowMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+        self._tag_telemetry_sites()
+
+    def set_layer_number(self, layer_number: int) -> None:
+        super().set_layer_number(layer_number)
+        self._tag_telemetry_sites()
+
+    def _tag_telemetry_sites(self) -> None:
+        # FP8 health sites carry the layer ("layer3/tokens"), as megatron's router names its aux losses per layer
+        prefix = f"layer{self.layer_number}/" if self.layer_number is not None else ""
+        for part in (self.token_dispatcher, self.experts):
+            if hasattr(part, "telemetry_prefix"):
+                part.telemetry_prefix = prefix

@@ -25,7 +25,6 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 
 from ..numerics.permute import chunk_sort_pad_maps, routing_rows
 from ..ops import dispatch as ops
-from ..ops.telemetry import monitor
 from .config import GEMM_ALIGN
 
 
@@ -45,6 +44,7 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.drop_and_pad:
             raise ValueError("FP8FlowTokenDispatcher is dropless; remove --moe-pad-expert-input-to-capacity")
         self.align = align
+        self.telemetry_prefix = ""  # "layer{N}/": FP8FlowMoELayer sets it so FP8 health is reported per layer
 
     @property
     def _direct(self) -> bool:
@@ -68,7 +68,7 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._src1, self._dst1 = src_rows, dst_rows
         self._padded_counts = padded
         self.hidden_shape_before_permute = hidden_states.shape
-        tokens_fp8 = ops.quantize_tokens(hidden_states, site="dispatch")  # cast #1
+        tokens_fp8 = ops.quantize_tokens(hidden_states, site=self.telemetry_prefix + "tokens")  # cast #1
         permuted = ops.permute_rows(tokens_fp8, src_rows, dst_rows)
         permuted_probs = ops.permute_probs(probs, prob_src)
         return permuted, permuted_probs
@@ -86,15 +86,11 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self._direct:
             counts = self._padded_counts
             self._src2 = self._dst2 = None
-            if monitor.enabled:  # the .cpu() is a device sync: only on logged iterations
-                monitor.observe_tokens_per_expert(self.routing_map.sum(dim=0).cpu())
         else:
             if self.num_local_experts > 1:
                 per_rank_expert = torch.as_tensor(self.num_global_tokens_per_local_expert).reshape(-1, self.num_local_experts)
             else:
                 per_rank_expert = torch.as_tensor(self.output_splits).reshape(-1, 1)
-            if monitor.enabled:
-                monitor.observe_tokens_per_expert(per_rank_expert.sum(dim=0))
             # The split sizes are on the host already: only the R*L chunk offsets are computed there, the per-row maps
             # are expanded on the device with no stream sync (building ~100k-row maps on the host measured ~4.7 ms
             # per step at EP=8, on the critical path between the token all-to-all and the experts).
@@ -121,7 +117,8 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self.shared_experts.linear_fc2_forward(permuted_tokens)
             self.shared_experts.post_forward_comm()
         # unpermute (+ unpad at EP=1): sum each token's expert rows; its backward quantizes the gradient (cast #2)
-        output = ops.unpermute_rows(permuted_tokens, self._dst1, self._src1, quantize_grad=True, site="combine_grad")
+        output = ops.unpermute_rows(permuted_tokens, self._dst1, self._src1, quantize_grad=True,
+                                    site=self.telemetry_prefix + "combine_grad")
         output = output.view(self.hidden_shape)
         if self.shared_experts is not None:
             output = output + self.shared_experts.get_output()

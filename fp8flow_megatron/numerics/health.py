@@ -24,7 +24,8 @@ def fp8_health(x: torch.Tensor, q: Fp8Blockwise) -> Dict[str, float]:
       underflow_frac   fraction of finite nonzero inputs whose code is (signed) zero: information FP8 lost
       saturated_frac   fraction of finite inputs whose code is ±448 (at the top of the E4M3 range)
       clipped_frac     fraction of finite inputs with |x * scale| > 448, i.e. clipped rather than rounded to 448
-      scale_inv_min, scale_inv_max   range of the block scale_inv (nan when q has no blocks)
+      scale_inv_min, scale_inv_max   range of the scale_inv of the blocks that hold a finite nonzero input (nan
+                       when there is none: an all-zero block's scale says nothing about the data's range)
     """
     if tuple(x.shape) != tuple(q.data.shape):
         raise ValueError(f"fp8_health: x {tuple(x.shape)} and q {tuple(q.data.shape)} differ in shape")
@@ -34,11 +35,12 @@ def fp8_health(x: torch.Tensor, q: Fp8Blockwise) -> Dict[str, float]:
     nonzero = finite & (x32 != 0)
     code_zero = (codes & 0x7F) == 0
     code_max = (codes & 0x7F) == 0x7E
-    scaled = x32 / expand_scale_inv(q)
+    block_scale_inv = expand_scale_inv(q)
+    scaled = x32 / block_scale_inv
     clipped = finite & (scaled.abs() > E4M3_MAX)
     n_finite = int(finite.sum())
     n_nonzero = int(nonzero.sum())
-    s = q.scale_inv.detach()
+    s = block_scale_inv[nonzero]
     return {
         "numel": x32.numel(),
         "nonfinite": x32.numel() - n_finite,

@@ -38,11 +38,11 @@ def weighted_swiglu_quant(fc1_out: torch.Tensor, probs: torch.Tensor) -> Fp8Bloc
     return quantize_1x128(weighted_swiglu(fc1_out, probs))
 
 
-def weighted_swiglu_quant_backward(
+def weighted_swiglu_backward(
     grad_out: torch.Tensor, fc1_out: torch.Tensor, probs: torch.Tensor
-) -> Tuple[Fp8Blockwise, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """grad_out [N, F] (fc2 dgrad, bf16/fp32), fc1_out [N, 2F], probs [N] ->
-    (grad_fc1_out FP8 1x128 [N, 2F] for the fc1 dgrad/wgrad GEMMs, grad_probs [N] fp32)."""
+    (grad_fc1_out fp32 [N, 2F] before quantization, grad_probs [N] fp32)."""
     a, b = _split(fc1_out)
     g = grad_out.to(torch.float32)
     p = probs.to(torch.float32).unsqueeze(1)
@@ -52,4 +52,13 @@ def weighted_swiglu_quant_backward(
     da = gp * b * (s + silu * (1 - s))
     db = gp * silu
     dp = (g * silu * b).sum(dim=1)
-    return quantize_1x128(torch.cat([da, db], dim=1)), dp
+    return torch.cat([da, db], dim=1), dp
+
+
+def weighted_swiglu_quant_backward(
+    grad_out: torch.Tensor, fc1_out: torch.Tensor, probs: torch.Tensor
+) -> Tuple[Fp8Blockwise, torch.Tensor]:
+    """grad_out [N, F] (fc2 dgrad, bf16/fp32), fc1_out [N, 2F], probs [N] ->
+    (grad_fc1_out FP8 1x128 [N, 2F] for the fc1 dgrad/wgrad GEMMs, grad_probs [N] fp32)."""
+    grad_fc1_out, dp = weighted_swiglu_backward(grad_out, fc1_out, probs)
+    return quantize_1x128(grad_fc1_out), dp

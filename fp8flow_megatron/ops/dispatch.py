@@ -52,7 +52,7 @@ class _QuantizeTokens(torch.autograd.Function):
         return _plain(grad), None
 
 
-def quantize_tokens(x: torch.Tensor, site: str = "dispatch") -> Fp8FlowTensor:
+def quantize_tokens(x: torch.Tensor, site: str = "tokens") -> Fp8FlowTensor:
     """x [T, H] bf16/fp32 -> Fp8FlowTensor [T, H] (1x128 FP8 payload, logical dtype of x)."""
     return _QuantizeTokens.apply(x, site)
 

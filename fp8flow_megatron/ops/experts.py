@@ -21,6 +21,7 @@ from typing import Sequence, Tuple
 import torch
 
 from ..numerics import Fp8Blockwise
+from ..numerics import swiglu as _swiglu
 from .backend import backend_for
 from .fp8_tensor import Fp8FlowTensor
 from .gemm_engine import gemm_engine_for
@@ -105,15 +106,17 @@ def _unpack(data: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Blockwise:
     return Fp8Blockwise(data, scale_inv)
 
 
-def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype):
+def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix=None):
     y1 = engine.fprop(x_q, w1, m_splits, out_dtype)
     a_q = b.weighted_swiglu_quant(y1, probs)
+    if site_prefix is not None and monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input
+        monitor.observe(site_prefix + "swiglu_out", _swiglu.weighted_swiglu(y1, probs), a_q)
     return y1, a_q
 
 
 class _Fp8FlowExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, refresh, fuse_wgrad, *weights):
+    def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, refresh, fuse_wgrad, site_prefix, *weights):
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
         b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name, num_experts)
@@ -121,10 +124,11 @@ class _Fp8FlowExperts(torch.autograd.Function):
         out_dtype = x.dtype
         w1_q = cache.get_group("fc1", w1, engine, refresh)
         w2_q = cache.get_group("fc2", w2, engine, refresh)
-        y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
+        y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype, site_prefix)
         y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
         ctx.m_splits, ctx.recompute, ctx.out_dtype = list(m_splits), recompute, out_dtype
         ctx.num_experts, ctx.engine_name, ctx.fuse_wgrad = num_experts, engine_name, fuse_wgrad
+        ctx.site_prefix = site_prefix
         # The FP8 weights this forward used: backward and recompute must use the same ones (no tensor copies: these
         # are the cache's objects).
         ctx.w1_q, ctx.w2_q = w1_q, w2_q
@@ -155,14 +159,16 @@ class _Fp8FlowExperts(torch.autograd.Function):
             g2_q = grad_y2.fp8
         else:  # a BF16 gradient: only when the caller did not route the FP8 combine gradient here
             g2_q = b.quantize_1x128(grad_y2.contiguous())
-            monitor.observe("expert_out_grad", grad_y2, g2_q)
+            monitor.observe(ctx.site_prefix + "expert_out_grad", grad_y2, g2_q)
 
         grad_a = engine.dgrad(g2_q, w2_q, m_splits, out_dtype)
         dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad)
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(grad_a, y1, probs)
+        if monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input of the quantizer
+            monitor.observe(ctx.site_prefix + "dswiglu_out", _swiglu.weighted_swiglu_backward(grad_a, y1, probs)[0], g1_q)
         grad_x = engine.dgrad(g1_q, w1_q, m_splits, out_dtype)
         dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad)
-        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, *dw1, *dw2)
+        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, *dw1, *dw2)
 
 
 def fp8_flow_experts(
@@ -176,6 +182,7 @@ def fp8_flow_experts(
     gemm_engine: str = "auto",
     refresh_weights: bool = True,
     fuse_wgrad_accumulation: bool = False,
+    telemetry_site_prefix: str = "",
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -190,11 +197,12 @@ def fp8_flow_experts(
                  one); False reuses the cache's codes from earlier in the step.
     fuse_wgrad_accumulation: accumulate the weight gradients into each weight's `main_grad` (megatron's
                  gradient_accumulation_fusion; the autograd gradients returned are zero dummies), else return them.
+    telemetry_site_prefix: prepended to the FP8 health site names ("layer3/" -> "layer3/swiglu_out").
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):
         raise TypeError("fp8_flow_experts needs the FP8 payload from the FP8-Flow dispatcher (an Fp8FlowTensor)")
     return _Fp8FlowExperts.apply(
         x, probs, list(m_splits), recompute, cache or WeightQuantCache(), gemm_engine, bool(refresh_weights),
-        bool(fuse_wgrad_accumulation), *fc1_weights, *fc2_weights,
+        bool(fuse_wgrad_accumulation), telemetry_site_prefix, *fc1_weights, *fc2_weights,
     )
