@@ -76,6 +76,9 @@ def validate(args) -> None:
         problems.append("--mtp-num-layers is not supported by fp8flow_megatron.train (drop it, or train through Megatron-LM)")
     if args.lr_warmup_iters >= args.train_iters:
         problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
+    if args.data_path and (args.train_data_path or args.valid_data_path or args.test_data_path):
+        problems.append("--data-path cannot be combined with --train-data-path / --valid-data-path / --test-data-path "
+                        "(as in Megatron-LM): give one --data-path split by --split, or a path per split")
     if args.save_interval and not args.save:
         problems.append("--save-interval needs --save DIR")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
@@ -238,6 +241,8 @@ def build_data(args):
     )
     datasets = build_datasets(
         seq_length=args.seq_length, num_samples=num_samples, data_path=args.data_path, split=args.split,
+        train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
+        test_data_path=args.test_data_path,
         tokenizer=tokenizer, seed=args.seed, data_cache_path=args.data_cache_path,
         create_attention_mask=False,  # get_batch builds one causal mask per batch, not one [s, s] mask per sample
     )

@@ -126,6 +126,11 @@ _TRAIN = [
 ]
 _DATA = [
     ("--data-path", str, None, "indexed dataset prefixes (weights allowed); default: the embedded text"),
+    ("--train-data-path", str, None, "training-split prefixes (weights allowed); with per-split paths --split is "
+     "ignored and --data-path must not be given"),
+    ("--valid-data-path", str, None, "validation-split prefixes (weights allowed); per-split paths without it: "
+     "no evaluation"),
+    ("--test-data-path", str, None, "test-split prefixes (weights allowed)"),
     ("--data-cache-path", str, None, "index cache directory"),
     ("--split", str, "969,30,1", "train,valid,test weights"),
     ("--tokenizer-type", str, "ByteTokenizer", "ByteTokenizer or NullTokenizer"),
@@ -133,6 +138,8 @@ _DATA = [
     ("--make-vocab-size-divisible-by", int, 128, "pad the vocabulary"),
 ]
 _SPECIAL = {"--untie-embeddings-and-output-weights"}
+# Megatron-LM's list-valued path flags: [prefix ...] or [weight prefix weight prefix ...].
+_PATH_FLAGS = {"--data-path", "--train-data-path", "--valid-data-path", "--test-data-path"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, typ, default, help_ in table:
             if typ == _B:
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-            elif flag == "--data-path":
+            elif flag in _PATH_FLAGS:
                 g.add_argument(flag, nargs="+", default=default, help=help_)
             else:
                 g.add_argument(flag, type=typ, default=default, help=help_)

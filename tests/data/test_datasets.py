@@ -220,3 +220,81 @@ def test_a_missing_corpus_says_how_to_fix_it(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "CORPUS_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"missing from this install .* pip install -e \."):
         build_datasets(seq_length=SEQ, num_samples=(8, 2, 2), data_cache_path=str(tmp_path))
+
+
+def texts_of(dataset, num_samples):
+    return "".join(TOK.detokenize(dataset[i]["tokens"]) for i in range(num_samples))
+
+
+@pytest.mark.parametrize("form", ["lists", "strings"])
+def test_build_datasets_from_per_split_paths(tmp_path, form):
+    prefix_a, prefix_b = make_prefixes(tmp_path)
+    paths = {"train_data_path": [prefix_a], "valid_data_path": [prefix_b]}
+    if form == "strings":  # one whitespace-separated string, as a YAML value may be
+        paths = {k: " ".join(v) for k, v in paths.items()}
+    # split="1,0,0" would leave no validation split: with per-split paths it is ignored.
+    splits = build_datasets(seq_length=32, num_samples=(40, 8, 4), split="1,0,0",
+                            data_cache_path=str(tmp_path / "cache"), **paths)
+    assert splits.test is None  # no --test-data-path
+    train_text, valid_text = texts_of(splits.train, 40), texts_of(splits.valid, 8)
+    assert "alpha paragraph" in train_text and "beta" not in train_text
+    assert "beta paragraph" in valid_text and "alpha" not in valid_text
+    # Each per-split prefix is used whole: all 200 paragraphs (documents) of each.
+    assert splits.train.indices.tolist() == list(range(200)) == splits.valid.indices.tolist()
+
+
+def test_per_split_paths_with_a_weighted_training_blend(tmp_path):
+    prefix_a, prefix_b = make_prefixes(tmp_path)
+    splits = build_datasets(seq_length=32, num_samples=(400, 8, 4), train_data_path=["1", prefix_a, "3", prefix_b],
+                            valid_data_path=[prefix_b], test_data_path=[prefix_a])
+    assert type(splits.train).__name__ == "BlendedDataset" and len(splits.train) == 400
+    assert 0.6 < beta_share(splits.train, 400) < 0.9
+    assert "alpha" in texts_of(splits.test, 4) and "beta" not in texts_of(splits.test, 4)
+    with pytest.raises(ValueError, match="several prefixes and data_cache_path needs torch.distributed"):
+        build_datasets(seq_length=32, num_samples=(400, 8, 4), train_data_path=[prefix_a, prefix_b],
+                       data_cache_path=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("per_split", ["train_data_path", "valid_data_path", "test_data_path"])
+def test_data_path_and_per_split_paths_are_exclusive(tmp_path, per_split):
+    prefix_a, prefix_b = make_prefixes(tmp_path)
+    with pytest.raises(ValueError, match="--data-path cannot be combined with --train-data-path"):
+        build_datasets(seq_length=32, num_samples=(10, 2, 2), data_path=[prefix_a], **{per_split: [prefix_b]},
+                       data_cache_path=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("flag, kwarg, suffix", [
+    ("--data-path", "data_path", ""), ("--train-data-path", "train_data_path", ""),
+    ("--valid-data-path", "valid_data_path", ".bin"), ("--test-data-path", "test_data_path", ".idx"),
+])
+def test_a_missing_prefix_says_what_to_do(tmp_path, flag, kwarg, suffix):
+    prefix_a, _ = make_prefixes(tmp_path)
+    given = prefix_a + suffix if suffix else str(tmp_path / "nowhere")
+    paths = {kwarg: ["1", given]}
+    if kwarg in ("valid_data_path", "test_data_path"):
+        paths["train_data_path"] = [prefix_a]
+    expected = re.escape(f"{flag} {given}: {given}.bin and {given}.idx not found")
+    with pytest.raises(FileNotFoundError, match=expected) as e:
+        build_datasets(seq_length=32, num_samples=(10, 2, 2), data_cache_path=str(tmp_path / "cache"), **paths)
+    assert "python -m fp8flow_megatron.data.preprocess" in str(e.value)
+    if suffix:
+        assert f"give the prefix without the suffix ({prefix_a})" in str(e.value)
+
+
+def test_the_trainer_flags_reach_build_datasets(monkeypatch, tmp_path):
+    import fp8flow_megatron.data as data
+    from fp8flow_megatron import train
+    from megatron.core import parallel_state
+
+    config = tmp_path / "c.yaml"
+    config.write_text("valid_data_path: [v1, v2]\n")
+    args = train.parse_config(["--config", str(config), "--train-data-path", "0.3", "t1", "0.7", "t2",
+                               "--test-data-path", "x"])
+    assert (args.train_data_path, args.valid_data_path, args.test_data_path, args.data_path) == (
+        ["0.3", "t1", "0.7", "t2"], ["v1", "v2"], ["x"], None)
+    seen = {}
+    monkeypatch.setattr(data, "build_datasets", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda: 0)
+    train.build_data(args)
+    assert (seen["train_data_path"], seen["valid_data_path"], seen["test_data_path"]) == (
+        ["0.3", "t1", "0.7", "t2"], ["v1", "v2"], ["x"])
