@@ -419,12 +419,18 @@ def evaluate(args, schedule, model, dataset, device, step) -> float:
     return _reduce_lm_loss(args, losses_reduced, device)
 
 
+def _open_metrics(args):
+    """metrics.jsonl in --output-dir (rank 0), one JSON row per iteration, written as the iterations finish."""
+    if args.rank != 0:
+        return None
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return open(out / "metrics.jsonl", "w")
+
+
 def write_loss_curve(args, history) -> Optional[Path]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "metrics.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
     try:
         import matplotlib
 
@@ -473,6 +479,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     history: List[dict] = []
+    metrics_file = _open_metrics(args)
     tokens_per_step = args.global_batch_size * args.seq_length
     interval_start, interval_steps = time.time(), 0
     while step < args.train_iters:
@@ -513,10 +520,15 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             if args.rank == 0:
                 print(f"iter {step:6d} | validation loss {row['val_loss']:.4f}", flush=True)
         history.append(row)
+        if metrics_file:  # streamed, so a run that is stopped early still leaves its rows
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
         if args.save and args.save_interval and step % args.save_interval == 0:
             save_checkpoint(args, step, model, optimizer, scheduler)
     if args.save and (not args.save_interval or step % args.save_interval):
         save_checkpoint(args, step, model, optimizer, scheduler)
+    if metrics_file:
+        metrics_file.close()
     if args.rank == 0:
         png = write_loss_curve(args, history)
         if history:

@@ -56,10 +56,14 @@ def load_metrics(out: Path) -> List[dict]:
 
 
 def trainer_command(mode: str, args, extra: List[str]) -> List[str]:
-    return [
+    cmd = [
         sys.executable, "-m", "fp8flow_megatron.train", "--config", args.config, *MODES[mode],
         "--train-iters", str(args.steps), "--output-dir", str(Path(args.out) / mode), *extra,
     ]  # fmt: skip
+    if args.parallel and not any(a.startswith("--data-cache-path") for a in extra):
+        # megatron-core writes its dataset index caches in place: concurrent modes each get their own
+        cmd += ["--data-cache-path", str(Path(args.out) / mode / "data_cache")]
+    return cmd
 
 
 def run_modes(modes: List[str], args, extra: List[str]) -> Dict[str, int]:
