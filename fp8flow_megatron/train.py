@@ -419,13 +419,24 @@ def evaluate(args, schedule, model, dataset, device, step) -> float:
     return _reduce_lm_loss(args, losses_reduced, device)
 
 
-def _open_metrics(args):
-    """metrics.jsonl in --output-dir (rank 0), one JSON row per iteration, written as the iterations finish."""
+def _open_metrics(args, start_step: int):
+    """(history, file): metrics.jsonl in --output-dir (rank 0), one JSON row per iteration, written as the iterations
+    finish. A run resumed at start_step keeps the rows of iterations <= start_step already there (the run it continues)
+    and replaces any later ones."""
     if args.rank != 0:
-        return None
+        return [], None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return open(out / "metrics.jsonl", "w")
+    path = out / "metrics.jsonl"
+    kept = []
+    if start_step and path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r["iteration"] <= start_step]
+    f = open(path, "w")
+    for row in kept:
+        f.write(json.dumps(row) + "\n")
+    f.flush()
+    return kept, f
 
 
 def write_loss_curve(args, history) -> Optional[Path]:
@@ -478,10 +489,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     attach_routing_telemetry(model)
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
 
-    history: List[dict] = []
-    metrics_file = _open_metrics(args)
+    history, metrics_file = _open_metrics(args, step)
     tokens_per_step = args.global_batch_size * args.seq_length
     interval_start, interval_steps = time.time(), 0
+    train_start = time.time()
     while step < args.train_iters:
         logging_now = (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters
         monitor.enabled = logging_now
@@ -525,6 +536,11 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             metrics_file.flush()
         if args.save and args.save_interval and step % args.save_interval == 0:
             save_checkpoint(args, step, model, optimizer, scheduler)
+        if _time_is_up(args, train_start):
+            if args.rank == 0:
+                print(f"iter {step:6d} | --exit-duration-in-mins {args.exit_duration_in_mins} reached: stopping"
+                      + (" (checkpoint saved; --load resumes)" if args.save else ""), flush=True)
+            break
     if args.save and (not args.save_interval or step % args.save_interval):
         save_checkpoint(args, step, model, optimizer, scheduler)
     if metrics_file:
@@ -534,6 +550,17 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         if history:
             print(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}" + (f"; loss curve: {png}" if png else ""))
     return history
+
+
+def _time_is_up(args, train_start: float) -> bool:
+    """Megatron-LM's --exit-duration-in-mins: the same decision on every rank (rank 0's clock, broadcast)."""
+    if not args.exit_duration_in_mins:
+        return False
+    done = torch.tensor([float(time.time() - train_start > 60 * args.exit_duration_in_mins)])
+    if args.use_cuda:
+        done = done.cuda()
+    dist.broadcast(done, src=0)
+    return bool(done.item())
 
 
 def _tensorboard(args):

@@ -8,7 +8,10 @@
 Each mode is one `python -m fp8flow_megatron.train` process (megatron-core's schedule, the config's optimizer; modes as
 in scripts/bench_train_modes.py: bf16, te_blockwise, fp8flow, fp8flow_recomp, ...) writing OUT/<mode>/metrics.jsonl
 and log.txt. A mode whose metrics.jsonl already reaches --steps is not run again (so the modes of one A/B can be
-spread over several sessions or machines); --rerun forces it. --parallel starts the modes at once (one GPU serves
+spread over several sessions or machines); --rerun forces it. With --checkpoint-interval N each mode saves a megatron
+checkpoint every N iterations and the next invocation resumes it exactly; pass the trainer's
+`--exit-duration-in-mins M` after `--` to stop cleanly within a time limit. Runs that reached different iterations
+are compared at the last iteration they all reached. --parallel starts the modes at once (one GPU serves
 them in turn: the A/B is about losses, and each mode's numerics do not depend on what else runs).
 
 The report (OUT/summary.json, OUT/summary.md, OUT/convergence_ab.png):
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,6 +67,11 @@ def trainer_command(mode: str, args, extra: List[str]) -> List[str]:
     if args.parallel and not any(a.startswith("--data-cache-path") for a in extra):
         # megatron-core writes its dataset index caches in place: concurrent modes each get their own
         cmd += ["--data-cache-path", str(Path(args.out) / mode / "data_cache")]
+    if args.checkpoint_interval:
+        ckpt = Path(args.out) / mode / "checkpoint"
+        cmd += ["--save", str(ckpt), "--save-interval", str(args.checkpoint_interval)]
+        if (ckpt / "latest_checkpointed_iteration.txt").exists():
+            cmd += ["--load", str(ckpt)]  # exact resume: same data order, same losses (tests/test_train.py)
     return cmd
 
 
@@ -71,7 +80,9 @@ def run_modes(modes: List[str], args, extra: List[str]) -> Dict[str, int]:
     codes, running = {}, []
     for mode in modes:
         out = Path(args.out) / mode
-        if not args.rerun and mode_complete(out, args.steps):
+        if args.rerun:
+            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        elif mode_complete(out, args.steps):
             print(f"{mode}: already complete in {out} (--rerun to train again)", flush=True)
             codes[mode] = 0
             continue
@@ -178,15 +189,27 @@ def moving_average(values: List[float], window: int) -> List[float]:
     return out
 
 
-def write_report(out: Path, modes: List[str], final_window: int) -> Optional[dict]:
+def common_prefix(runs: Dict[str, List[dict]]) -> Dict[str, List[dict]]:
+    """Every run cut at the last iteration that all of them reached, so that modes are compared at equal steps."""
+    common = min(rows[-1]["iteration"] for rows in runs.values())
+    return {m: [r for r in rows if r["iteration"] <= common] for m, rows in runs.items()}
+
+
+def write_report(out: Path, modes: List[str], final_window: int, steps: Optional[int] = None) -> Optional[dict]:
     runs = {m: load_metrics(out / m) for m in modes}
     runs = {m: rows for m, rows in runs.items() if rows}
     if not runs:
         print(f"no finished runs under {out}")
         return None
+    reached = {m: rows[-1]["iteration"] for m, rows in runs.items()}
+    runs = common_prefix(runs)
+    common = min(reached.values())
+    if len(set(reached.values())) > 1 or (steps and common < steps):
+        print(f"runs reached {reached}: comparing all modes at iteration {common}"
+              + (f" of {steps} (run the same command again to continue)" if steps and common < steps else ""))
     summaries = {m: summarize_mode(rows, final_window) for m, rows in runs.items()}
     comparison = compare(summaries)
-    report = {"modes": summaries, "comparison": comparison}
+    report = {"modes": summaries, "comparison": comparison, "reached": reached, "compared_at": common}
     (out / "summary.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     md = summary_markdown(summaries, comparison)
     (out / "summary.md").write_text(md)
@@ -335,6 +358,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rerun", action="store_true", help="train modes again even where metrics.jsonl is complete")
     ap.add_argument("--report-only", action="store_true", help="no training: report the runs found under --out")
     ap.add_argument("--final-window", type=int, default=100, help="iterations averaged for the final train loss")
+    ap.add_argument("--checkpoint-interval", type=int, default=0,
+                    help="save each mode every N iterations under OUT/<mode>/checkpoint and resume from there on the "
+                         "next invocation (with the trainer's --exit-duration-in-mins an A/B spans several sessions)")
     args, extra = ap.parse_known_args(argv)
     extra = [e for e in extra if e != "--"]
     modes = [m for m in args.modes.split(",") if m]
@@ -347,7 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.report_only:
         codes = run_modes(modes, args, extra)
         failed = [m for m, c in codes.items() if c != 0]
-    write_report(out, modes, args.final_window)
+    write_report(out, modes, args.final_window, None if args.report_only else args.steps)
     if failed:
         print(f"failed modes: {', '.join(failed)} (see their log.txt)")
         return 1

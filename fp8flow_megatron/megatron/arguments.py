@@ -121,6 +121,8 @@ _TRAIN = [
     ("--save", str, None, "checkpoint directory"),
     ("--save-interval", int, None, "iterations between checkpoints"),
     ("--load", str, None, "resume from this checkpoint directory"),
+    ("--exit-duration-in-mins", float, None, "stop cleanly after this many minutes of training (saving a checkpoint "
+     "with --save), as Megatron-LM"),
     ("--output-dir", str, None, "where the loss curve and metrics go (default runs/<config name>)"),
     ("--tensorboard-dir", str, None, "TensorBoard logs (needs the tensorboard package)"),
 ]
