@@ -10,7 +10,9 @@ step is Megatron-LM's train_step on megatron-core's own schedule (get_forward_ba
 grad_scale_func, no_sync with --overlap-grad-reduce), so TE's FP8 weight caches and FP8-Flow's expert weights follow
 the optimizer through megatron's set_is_first_microbatch, and aux-loss scaling, gradient sync and expert-bias updates
 are megatron's. Each log line: iteration, loss, lr, tokens/s, peak memory, FP8 health (underflow fraction of the FP8
-quantizers, fraction of experts that got no token). At the end: loss_curve.png and metrics.jsonl in --output-dir.
+quantizers, fraction of experts that got no token, load imbalance); each logged metrics.jsonl row carries the full
+per-layer telemetry under "health" (ops/telemetry.py). metrics.jsonl is written as iterations finish; loss_curve.png
+at the end, both in --output-dir.
 """
 
 from __future__ import annotations
