@@ -289,53 +289,31 @@ def plot(out: Path, runs: Dict[str, List[dict]], final_window: int) -> Optional[
             ax.axhline(y, color="grey", ls="--", lw=0.8)
     ax.set(title=f"relative loss error vs BF16 (%; train: moving average of {smooth})", xlabel="iteration")
     logged_runs = {m: [r for r in rows if "health" in r] for m, rows in runs.items()}
-    ax = axes[1, 1]
-    for mode, logged in logged_runs.items():
-        for site in FP8_SITES:
-            key = f"saturated_frac/{site}"
-            pts = [(r["iteration"], r["health"][key]) for r in logged if key in r["health"]]
-            if pts:
-                ax.plot(*zip(*pts), lw=1, label=f"{mode} {site}")
-    ax.set(title="FP8 saturation fraction (codes at ±448)", xlabel="iteration")
-    ax.set_yscale("log", nonpositive="clip")
-    ax = axes[1, 0]
-    for mode, logged in logged_runs.items():
-        for site in FP8_SITES:
-            key = f"underflow_frac/{site}"
-            pts = [(r["iteration"], r["health"][key]) for r in logged if key in r["health"]]
-            if pts:
-                ax.plot(*zip(*pts), lw=1, label=f"{mode} {site}")
-    ax.set(title="FP8 underflow fraction (finite nonzero -> 0; zeros not drawn)", xlabel="iteration")
-    ax.set_yscale("log", nonpositive="clip")
+    _plot_sites(axes[1, 0], logged_runs, "underflow_frac")
+    axes[1, 0].set(title="FP8 underflow fraction (finite nonzero -> 0; zeros not drawn)", xlabel="iteration")
+    axes[1, 0].set_yscale("log", nonpositive="clip")
+    _plot_sites(axes[1, 1], logged_runs, "saturated_frac")
+    axes[1, 1].set(title="FP8 saturation fraction (codes at ±448)", xlabel="iteration")
+    axes[1, 1].set_yscale("log", nonpositive="clip")
     ax = axes[1, 2]
     for mode, logged in logged_runs.items():
         for site in FP8_SITES:
-            lo = [(r["iteration"], r["health"].get(f"scale_exp_min/{site}")) for r in logged]
-            hi = [(r["iteration"], r["health"].get(f"scale_exp_max/{site}")) for r in logged]
-            lo = [p for p in lo if p[1] is not None]
-            hi = [p for p in hi if p[1] is not None]
-            if lo:
+            hi = _series(logged, f"scale_exp_max/{site}")
+            if hi:
                 line, = ax.plot(*zip(*hi), lw=1, label=f"{mode} {site}")
-                ax.plot(*zip(*lo), lw=1, ls="--", color=line.get_color())
+                ax.plot(*zip(*_series(logged, f"scale_exp_min/{site}")), lw=1, ls="--", color=line.get_color())
     ax.set(title="block scale exponent log2(scale_inv): max (solid), min (dashed)", xlabel="iteration")
-    ax = axes[2, 0]
-    for mode, logged in logged_runs.items():
-        pts = [(r["iteration"], r["health"]["load_imbalance"]) for r in logged if "load_imbalance" in r["health"]]
-        if pts:
-            ax.plot(*zip(*pts), lw=1, label=mode)
-    ax.set(title="load imbalance: max/mean tokens per expert (worst layer)", xlabel="iteration")
-    ax = axes[2, 1]
-    for mode, logged in logged_runs.items():
-        pts = [(r["iteration"], r["health"]["dead_expert_frac"]) for r in logged if "dead_expert_frac" in r["health"]]
-        if pts:
-            ax.plot(*zip(*pts), lw=1, label=mode)
-    ax.set(title="dead-expert fraction ((layer, expert) slots with no token)", xlabel="iteration")
-    ax = axes[2, 2]
-    for mode, logged in logged_runs.items():
-        pts = [(r["iteration"], r["health"]["router_grad_norm"]) for r in logged if "router_grad_norm" in r["health"]]
-        if pts:
-            ax.plot(*zip(*pts), lw=1, label=mode)
-    ax.set(title="router logits' gradient norm", xlabel="iteration", yscale="log")
+    for ax, key, title in (
+        (axes[2, 0], "load_imbalance", "load imbalance: max/mean tokens per expert (worst layer)"),
+        (axes[2, 1], "dead_expert_frac", "dead-expert fraction ((layer, expert) slots with no token)"),
+        (axes[2, 2], "router_grad_norm", "router logits' gradient norm"),
+    ):
+        for mode, logged in logged_runs.items():
+            pts = _series(logged, key)
+            if pts:
+                ax.plot(*zip(*pts), lw=1, label=mode)
+        ax.set(title=title, xlabel="iteration")
+    axes[2, 2].set_yscale("log")
     for a in axes.flat:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
@@ -346,6 +324,19 @@ def plot(out: Path, runs: Dict[str, List[dict]], final_window: int) -> Optional[
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _series(logged: List[dict], key: str) -> List[tuple]:
+    """(iteration, value) of one health key over the logged iterations that have it."""
+    return [(r["iteration"], r["health"][key]) for r in logged if key in r["health"]]
+
+
+def _plot_sites(ax, logged_runs: Dict[str, List[dict]], stat: str) -> None:
+    for mode, logged in logged_runs.items():
+        for site in FP8_SITES:
+            pts = _series(logged, f"{stat}/{site}")
+            if pts:
+                ax.plot(*zip(*pts), lw=1, label=f"{mode} {site}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,6 +31,7 @@ import time
 from typing import Iterable, Sequence
 
 from .embedded import CORPUS_DIR
+from .open_corpus_sources import sha256_file
 
 SOURCES = ("austen", "kjv", "python_docs", "django_docs")
 VALID_PER_MILLE = 30  # ~3% of each source's documents are held out for validation
@@ -44,14 +45,6 @@ _PACK_MEMBER = r"^(MANIFEST\.json|texts/[A-Za-z0-9_.-]+\.jsonl|licenses/[A-Za-z0
 
 class CorpusError(RuntimeError):
     """The corpus files are missing, malformed or do not match MANIFEST.json."""
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ split
