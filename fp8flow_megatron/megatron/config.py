@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ..ops.gemm_engine import GEMM_ENGINES
+from ..ops.gemm_engine import GEMM_ENGINES, te_available
 
 GEMM_ALIGN = 16  # TE's blockwise GEMM needs every non-empty expert's rows to be a multiple of 8; 16 as megatron pads
 BLOCK = 128
@@ -104,6 +104,36 @@ def _is_swiglu(src: Any) -> bool:
     import torch.nn.functional as F
 
     return bool(_get(src, "gated_linear_unit", default=False)) and _get(src, "activation_func") is F.silu
+
+
+# (flag, dest, why): MoE flags of megatron-core 0.16.1 that FP8-Flow's layer does not implement, each refused at start.
+_UNSUPPORTED_WITH_FP8_FLOW = (
+    ("--delay-wgrad-compute", "delay_wgrad_compute", "splits the experts' weight gradients out of their backward "
+     "(megatron's backward_dw); FP8-Flow's experts compute wgrad inside their fused backward."),
+    ("--overlap-moe-expert-parallel-comm", "overlap_moe_expert_parallel_comm", "runs megatron's A2A-overlap "
+     "schedule, which no test has run with FP8-Flow's FP8 payloads yet."),
+    ("--moe-shared-expert-overlap", "moe_shared_expert_overlap", "overlaps the shared experts with the dispatcher on "
+     "a side CUDA stream, which no test has run with FP8-Flow's dispatcher yet (the shared experts work without it)."),
+    ("--moe-permute-fusion", "moe_permute_fusion", "selects TE's fused permute for megatron's dispatcher; FP8-Flow's "
+     "dispatcher replaces that permute with its own fused permute+pad of FP8 codes, so the flag would do nothing."),
+    ("--moe-use-legacy-grouped-gemm", "moe_use_legacy_grouped_gemm", "selects megatron's legacy GroupedMLP; "
+     "FP8-Flow replaces the experts, so the flag would do nothing."),
+    ("--moe-enable-deepep", "moe_enable_deepep", "selects DeepEP's dispatcher; FP8-Flow's dispatcher is all-to-all "
+     "based."),
+    ("--moe-extended-tp", "moe_extended_tp", "shards experts over tensor-parallel ranks; FP8-Flow needs expert "
+     "tensor-parallel size 1."),
+    ("--moe-token-dropping", "moe_token_dropping", "drops tokens; FP8-Flow is dropless."),
+    ("--moe-router-padding-for-fp8", "moe_router_padding_for_fp8", "pads the routing for FP8 GEMMs; FP8-Flow pads "
+     "each expert inside its fused permute without sending extra tokens."),
+)
+
+
+def _cuda_without_te() -> bool:
+    """A GPU is here but TransformerEngine does not import (the --moe-fp8-flow-gemm te engine cannot run); on CPU the
+    experts run the numerics spec whatever the engine."""
+    import torch
+
+    return torch.cuda.is_available() and not te_available()
 
 
 def validation_errors(src: Any) -> List[str]:
@@ -199,6 +229,22 @@ def validation_errors(src: Any) -> List[str]:
         "parameter storage), so the experts would read neither copy correctly. Fix: drop --fp8-param-gather (the "
         "BF16 parameter all-gather of the distributed optimizer works with FP8-Flow, also with "
         "--overlap-param-gather).",
+    )
+    for flag, dest, why in _UNSUPPORTED_WITH_FP8_FLOW:
+        need(not _get(src, dest, default=False), f"{flag} {why} Fix: remove {flag} (or run without --moe-fp8-flow).")
+    graph_impl = _get(src, "cuda_graph_impl", default="none") or "none"
+    need(
+        graph_impl == "none" and not _get(src, "enable_cuda_graph", default=False)
+        and not _get(src, "external_cuda_graph", default=False),
+        f"CUDA graphs (--cuda-graph-impl {graph_impl}, --enable-cuda-graph, --external-cuda-graph) are not supported "
+        f"with FP8-Flow yet: its experts take the per-expert token counts on the host each step, and no graph "
+        f"capture of its layers is tested. Fix: --cuda-graph-impl none.",
+    )
+    need(
+        fp8_flow.gemm != "te" or not _cuda_without_te(),
+        "--moe-fp8-flow-gemm te needs TransformerEngine, which does not import here; without it the experts would run "
+        "the dequantize -> fp32 reference GEMMs (orders of magnitude slower). Fix: pip install "
+        "'transformer-engine[pytorch]>=2.12', or --moe-fp8-flow-gemm triton (or auto).",
     )
     modules = _get(src, "recompute_modules", default=None) or []
     need(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from typing import Optional
 
 from .compat import require_module_spec_api
@@ -49,7 +50,37 @@ def fp8flow_moe_spec(moe_spec):
         shared_experts=old.shared_experts,
         router=old.router,
     )
+    _quiet_unknown_mlp_type()
     return ModuleSpec(module=FP8FlowMoELayer, params=dict(moe_spec.params), submodules=submodules, metainfo=dict(moe_spec.metainfo))
+
+
+class _Fp8FlowUnknownMlpFilter(logging.Filter):
+    """megatron-core 0.16's TransformerLayer passes pg_collection only to the exact stock MLP classes and logs "Unknown
+    MLP type ... Using default kwargs." for any other one, FP8FlowMoELayer included, which then builds megatron's
+    default process-group collection itself (as MoELayer does when given none). That record says nothing to a user of
+    FP8-Flow, so it is dropped when the layer being built has an FP8-Flow MoE layer; any other unknown MLP type still
+    warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Unknown MLP type"):
+            return True
+        from .moe_layer import FP8FlowMoELayer
+
+        frame = sys._getframe()
+        while frame is not None:  # the TransformerLayer.__init__ that logs holds the layer's `submodules`
+            module = getattr(getattr(frame.f_locals.get("submodules"), "mlp", None), "module", None)
+            if module is not None:
+                return not (isinstance(module, type) and issubclass(module, FP8FlowMoELayer))
+            frame = frame.f_back
+        return True
+
+
+def _quiet_unknown_mlp_type() -> None:
+    """Install the filter above once (idempotent, logged)."""
+    layer_log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _Fp8FlowUnknownMlpFilter) for f in layer_log.filters):
+        layer_log.addFilter(_Fp8FlowUnknownMlpFilter())
+        log.debug("fp8flow: megatron's 'Unknown MLP type' warning is dropped for FP8-Flow MoE layers")
 
 
 def _is_moe_spec(spec) -> bool:

@@ -3,22 +3,19 @@
 The casting-free dataflow passes FP8 codes + scales between autograd Functions (dispatcher stages, experts), while the
 gradients flowing back are ordinary BF16 tensors of the logical shape -- or Fp8FlowTensors themselves on the
 combine-gradient path. A wrapper subclass gives autograd the logical shape/dtype/device it checks, and keeps the
-codes and scales in `.fp8`. Only our own Functions read the payload; any other aten op on it falls back to the
-dequantized tensor (correct, but it is a cast, so it is logged once).
+codes and scales in `.fp8`. Only our own Functions read the payload; any other aten op on it is an error naming the
+op (no silent dequantize: that would be an extra cast, and a sign that something outside the FP8-Flow dataflow took
+the dispatcher's output for a plain tensor). `.dequantize()` is the explicit conversion.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves
 
 from ..numerics import Fp8Blockwise, dequantize
 
-log = logging.getLogger(__name__)
 _aten = torch.ops.aten
-_warned_ops = set()
 
 
 class Fp8FlowTensor(torch.Tensor):
@@ -48,14 +45,13 @@ class Fp8FlowTensor(torch.Tensor):
         if func in (_aten.detach.default, _aten.alias.default):
             src = args[0]
             return Fp8FlowTensor(src.fp8, src.dtype)
-        if func not in _warned_ops:
-            _warned_ops.add(func)
-            log.warning("fp8flow: %s on an FP8 payload falls back to dequantize (an extra cast)", func)
-
-        def unwrap(t):
-            return t.dequantize() if isinstance(t, Fp8FlowTensor) else t
-
-        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        payload = next(a for a in tree_leaves((args, kwargs)) if isinstance(a, Fp8FlowTensor))
+        raise TypeError(
+            f"fp8flow: {func} was called on an FP8 payload ({payload!r}). Only FP8-Flow's own autograd Functions read "
+            f"these (dispatcher -> experts -> combine); something else (a hook, a custom layer or a patch) used one as a "
+            f"plain tensor. Fix: call .dequantize() on it explicitly where a high-precision tensor is meant (an extra "
+            f"cast), or run without --moe-fp8-flow to check that the code works on the stock layer."
+        )
 
 
 def as_fp8(t: torch.Tensor):

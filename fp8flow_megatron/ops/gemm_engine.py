@@ -251,14 +251,18 @@ def _te_engine():
 
 
 def gemm_engine_for(device: torch.device, name: str = "te", num_local_experts: int = 0):
-    """On CUDA: TE's grouped GEMM ("te"; a TE outside the supported range raises with the fix; without TE the
-    reference), the single-launch Triton kernels ("triton"), or "auto" (resolve_gemm_engine). On CPU: the reference
-    (the numerics spec)."""
+    """On CUDA: TE's grouped GEMM ("te"; without TE, or a TE outside the supported range, it raises with the fix), the
+    single-launch Triton kernels ("triton"), or "auto" (resolve_gemm_engine: "te" only where TE imports). On CPU: the
+    reference (the numerics spec)."""
     name = resolve_gemm_engine(name, num_local_experts)
     if torch.device(device).type != "cuda":
         return ReferenceGemm()
     if name == "triton":
         return TritonGroupedGemm()
-    if te_available():
-        return _te_engine()
-    return ReferenceGemm()
+    if not te_available():
+        raise RuntimeError(
+            "fp8flow: the 'te' FP8 grouped-GEMM engine needs TransformerEngine, which does not import here (the "
+            "fallback would be the dequantize -> fp32 reference, orders of magnitude slower). Fix: pip install "
+            "'transformer-engine[pytorch]>=2.12', or --moe-fp8-flow-gemm triton."
+        )
+    return _te_engine()

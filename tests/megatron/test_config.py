@@ -45,6 +45,19 @@ def test_good_config_validates():
         ({"moe_fp8_flow_gemm": "cublas"}, "--moe-fp8-flow-gemm is 'cublas'", "--moe-fp8-flow-gemm auto"),
         ({"fp8_param_gather": True}, "--fp8-param-gather", "drop --fp8-param-gather"),
         ({"fp8_param": True}, "--fp8-param-gather", "drop --fp8-param-gather"),
+        ({"delay_wgrad_compute": True}, "--delay-wgrad-compute", "remove --delay-wgrad-compute"),
+        ({"overlap_moe_expert_parallel_comm": True}, "--overlap-moe-expert-parallel-comm", "remove"),
+        ({"moe_shared_expert_overlap": True}, "--moe-shared-expert-overlap", "remove --moe-shared-expert-overlap"),
+        ({"moe_permute_fusion": True}, "--moe-permute-fusion", "remove --moe-permute-fusion"),
+        ({"moe_use_legacy_grouped_gemm": True}, "--moe-use-legacy-grouped-gemm", "remove"),
+        ({"moe_enable_deepep": True}, "--moe-enable-deepep", "remove"),
+        ({"moe_extended_tp": True}, "--moe-extended-tp", "remove"),
+        ({"moe_token_dropping": True}, "--moe-token-dropping", "remove"),
+        ({"moe_router_padding_for_fp8": True}, "--moe-router-padding-for-fp8", "remove"),
+        ({"cuda_graph_impl": "transformer_engine"}, "--cuda-graph-impl transformer_engine", "--cuda-graph-impl none"),
+        ({"cuda_graph_impl": "local"}, "--cuda-graph-impl local", "--cuda-graph-impl none"),
+        ({"enable_cuda_graph": True}, "--enable-cuda-graph", "--cuda-graph-impl none"),
+        ({"external_cuda_graph": True}, "--external-cuda-graph", "--cuda-graph-impl none"),
     ],
 )
 def test_each_validation_error_names_flag_and_fix(change, flag_in_message, fix_in_message):
@@ -140,3 +153,43 @@ def test_yaml_unknown_and_duplicate_keys_are_errors(tmp_path):
     d.write_text("lr: 1.0\nlr: 2.0\n")
     with pytest.raises(FP8FlowConfigError, match="duplicate key 'lr'"):
         parse_args_with_yaml(_parser(), ["--config", str(d)])
+
+
+def test_the_te_engine_without_te_on_a_gpu_is_refused(monkeypatch):
+    import torch
+
+    from fp8flow_megatron.megatron import config as config_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(config_module, "te_available", lambda: False)
+    msg = "; ".join(validation_errors(argparse.Namespace(**{**GOOD, "moe_fp8_flow_gemm": "te"})))
+    assert "--moe-fp8-flow-gemm te needs TransformerEngine" in msg and "--moe-fp8-flow-gemm triton" in msg
+    assert validation_errors(argparse.Namespace(**{**GOOD, "moe_fp8_flow_gemm": "triton"})) == []
+    assert validation_errors(argparse.Namespace(**{**GOOD, "moe_fp8_flow_gemm": "auto"})) == []  # auto picks triton
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: the spec runs whatever the engine
+    assert validation_errors(argparse.Namespace(**{**GOOD, "moe_fp8_flow_gemm": "te"})) == []
+
+
+@pytest.mark.parametrize("scope", [None, "none"])
+def test_no_cuda_graphs_is_accepted(scope):
+    assert validation_errors(argparse.Namespace(**{**GOOD, "cuda_graph_impl": scope})) == []
+
+
+def test_the_unknown_mlp_warning_is_dropped_only_for_fp8flow_layers():
+    import logging
+    from types import SimpleNamespace
+
+    from fp8flow_megatron.megatron.moe_layer import FP8FlowMoELayer
+    from fp8flow_megatron.megatron.spec import _Fp8FlowUnknownMlpFilter
+
+    def record_while_building(module):
+        submodules = SimpleNamespace(mlp=SimpleNamespace(module=module))  # noqa: F841 (read from this frame)
+        record = logging.LogRecord("megatron.core.transformer.transformer_layer", logging.WARNING, __file__, 1,
+                                   "Unknown MLP type: <class 'ModuleSpec'>. Using default kwargs.", None, None)
+        return _Fp8FlowUnknownMlpFilter().filter(record)
+
+    assert record_while_building(FP8FlowMoELayer) is False
+    assert record_while_building(type("MyMoELayer", (FP8FlowMoELayer,), {})) is False
+    assert record_while_building(argparse.ArgumentParser) is True  # someone else's unknown MLP still warns
+    other = logging.LogRecord("x", logging.WARNING, __file__, 1, "something else", None, None)
+    assert _Fp8FlowUnknownMlpFilter().filter(other) is True

@@ -7,7 +7,7 @@ all_to_all returns its input, isolates the packing."""
 import pytest
 import torch
 
-from fp8flow_megatron.numerics import quantize_1x128
+from fp8flow_megatron.numerics import dequantize, quantize_1x128
 from fp8flow_megatron.ops import dispatch
 from fp8flow_megatron.ops.fp8_tensor import Fp8FlowTensor
 
@@ -54,3 +54,13 @@ def test_tokens_probs_all_to_all_backward_with_one_output_unused():
     (tokens * 2).sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
     assert torch.equal(probs.grad, torch.zeros_like(probs))  # the missing prob gradient moved back as zeros
+
+
+@pytest.mark.parametrize("op", [lambda t: torch.mul(t, 2), lambda t: t.sum(), lambda t: t.float(), lambda t: torch.cat([t, t])],
+                         ids=["mul", "sum", "to_float", "cat"])
+def test_an_aten_op_on_an_fp8_payload_is_an_error_naming_it(op):
+    fp8 = Fp8FlowTensor(quantize_1x128(torch.randn(4, 128)), torch.bfloat16)
+    with pytest.raises(TypeError, match=r"fp8flow: aten\..* was called on an FP8 payload .*\.dequantize\(\)"):
+        op(fp8)
+    assert torch.equal(fp8.dequantize(), dequantize(fp8.fp8).to(torch.bfloat16))  # the explicit conversion
+    assert isinstance(fp8.detach(), Fp8FlowTensor)  # autograd's own aliasing keeps the payload

@@ -44,3 +44,14 @@ def test_unknown_engine_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"'cublas'.*auto.*triton.*te"):
         gemm_engine_for(torch.device("cpu"), "cublas")
     assert isinstance(gemm_engine_for(torch.device("cpu"), "auto", 8), ReferenceGemm)  # CPU: always the spec
+
+
+def test_te_engine_requested_on_cuda_without_te_raises(monkeypatch):
+    # no silent fallback to the dequantize -> fp32 reference on a GPU (issue 17); only the device type is read here
+    from fp8flow_megatron.ops import gemm_engine
+
+    monkeypatch.setattr(gemm_engine, "te_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs TransformerEngine.*--moe-fp8-flow-gemm triton"):
+        gemm_engine.gemm_engine_for(torch.device("cuda"), "te", 8)
+    assert gemm_engine.resolve_gemm_engine("auto", 8) == "triton"
+    assert gemm_engine.gemm_engine_for(torch.device("cpu"), "te", 8).name == "reference"
