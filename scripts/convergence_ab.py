@@ -263,7 +263,7 @@ def plot(out: Path, runs: Dict[str, List[dict]], final_window: int) -> Optional[
         print("matplotlib is not installed: no PNG (summary.json has the numbers)")
         return None
     smooth = max(1, min(50, len(next(iter(runs.values()))) // 20))
-    fig, axes = plt.subplots(3, 3, figsize=(18, 13))
+    fig, axes = plt.subplots(4, 3, figsize=(18, 17))
     ax = axes[0, 0]
     for mode, rows in runs.items():
         ax.plot([r["iteration"] for r in rows], moving_average([r["loss"] for r in rows], smooth), label=mode, lw=1)
@@ -314,6 +314,21 @@ def plot(out: Path, runs: Dict[str, List[dict]], final_window: int) -> Optional[
                 ax.plot(*zip(*pts), lw=1, label=mode)
         ax.set(title=title, xlabel="iteration")
     axes[2, 2].set_yscale("log")
+    flow_mode = next((m for m in logged_runs if m.startswith("fp8flow") and _layers_of(logged_runs[m])), None)
+    for ax, site in ((axes[3, 0], "swiglu_out"), (axes[3, 1], "dswiglu_out")):
+        if flow_mode:
+            _layer_heatmap(fig, ax, logged_runs[flow_mode], f"underflow_frac/{{layer}}/{site}")
+        ax.set(title=f"{flow_mode or 'FP8-Flow'}: {site} underflow per MoE layer", xlabel="iteration", ylabel="layer")
+    ax = axes[3, 2]
+    width = 0.8 / max(1, len(logged_runs))
+    for i, (mode, logged) in enumerate(logged_runs.items()):
+        layers = _layers_of(logged)
+        late = [r["health"] for r in logged if r["iteration"] > 0.75 * logged[-1]["iteration"]] if logged else []
+        values = [_mean(h.get(f"{layer}/load_imbalance") for h in late) for layer in layers]
+        if layers:
+            ax.bar([j + i * width for j in range(len(layers))], values, width, label=mode)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, rotation=45, fontsize=7)
+    ax.set(title="load imbalance per MoE layer (mean over the last quarter)", ylabel="max / mean tokens per expert")
     for a in axes.flat:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
@@ -329,6 +344,26 @@ def plot(out: Path, runs: Dict[str, List[dict]], final_window: int) -> Optional[
 def _series(logged: List[dict], key: str) -> List[tuple]:
     """(iteration, value) of one health key over the logged iterations that have it."""
     return [(r["iteration"], r["health"][key]) for r in logged if key in r["health"]]
+
+
+def _layers_of(logged: List[dict]) -> List[str]:
+    """The MoE layer tags ("layer3") that a run's telemetry reports, in layer order."""
+    tags = {k.split("/")[0] for r in logged for k in r["health"] if k.endswith("/load_imbalance")}
+    return sorted(tags, key=lambda t: int("".join(c for c in t if c.isdigit()) or -1))
+
+
+def _layer_heatmap(fig, ax, logged: List[dict], key_pattern: str) -> None:
+    """Layers x logged iterations of one per-layer health key (log10 color scale; a zero shows as the floor)."""
+    layers = _layers_of(logged)
+    if not layers:
+        return
+    grid = [[r["health"].get(key_pattern.format(layer=layer), float("nan")) for r in logged] for layer in layers]
+    floor = min((v for row in grid for v in row if v > 0), default=1e-12)
+    image = [[math.log10(max(v, floor)) if v == v else float("nan") for v in row] for row in grid]
+    its = [r["iteration"] for r in logged]
+    mesh = ax.imshow(image, aspect="auto", origin="lower", extent=(its[0], its[-1], 0.5, len(layers) + 0.5))
+    ax.set_yticks(range(1, len(layers) + 1), layers, fontsize=7)
+    fig.colorbar(mesh, ax=ax, label="log10 fraction")
 
 
 def _plot_sites(ax, logged_runs: Dict[str, List[dict]], stat: str) -> None:
