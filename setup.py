@@ -41,7 +41,9 @@ setup(
     install_requires=[
         # A bare torch range pulls the newest CUDA build; install the torch you want first (the README pins it).
         "torch>=2.6",
-        "megatron-core>=0.16.1,<0.20",
+        # exactly the tested series (fp8flow_megatron.megatron.compat.SUPPORTED_RANGE): pip on Python 3.12 would
+        # otherwise pick megatron-core 0.19, whose builder-style specs the plugin does not support yet
+        "megatron-core>=0.16.1,<0.17",
         "pyyaml",
         "numpy",
         "psutil",

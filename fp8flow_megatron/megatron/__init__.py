@@ -8,7 +8,11 @@ Public entry points:
     install_fp8flow_spec()                    patch megatron's MoE spec factory (idempotent)
 """
 
-from .config import (
+from .compat import check_mcore_version
+
+check_mcore_version()  # fail at import, with the fix, on a megatron-core this plugin was not tested with
+
+from .config import (  # noqa: E402
     FP8FlowConfig,
     FP8FlowConfigError,
     add_fp8_flow_args,
@@ -16,7 +20,7 @@ from .config import (
     parse_args_with_yaml,
     validate_fp8_flow,
 )
-from .spec import get_fp8flow_decoder_block_spec, install_fp8flow_spec
+from .spec import get_fp8flow_decoder_block_spec, install_fp8flow_spec  # noqa: E402
 
 __all__ = [
     "FP8FlowConfig",

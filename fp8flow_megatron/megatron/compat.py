@@ -4,8 +4,9 @@
         subclasses, pretrain(dataset_provider, model_provider, ...).
 >=0.17: builder-style specs (functools.partial), GroupedMLPSubmodules, `name=` / `is_mtp_layer=` keyword arguments.
 >=0.18: pretrain(cfg_container, ...) + parse_and_validate_args.
-Only 0.16.x is exercised by CI; the >=0.17 branches are written against the upstream sources and are refused with a
-clear message where they are not implemented yet.
+Only 0.16.x is tested (CI, and the GPU suite), so only 0.16.x is admitted (setup.py and SUPPORTED_RANGE):
+importing fp8flow_megatron.megatron under any other version raises with the range and the pip command. The >=0.17
+helpers below describe the upstream changes for the port; nothing reaches them until the range is widened.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import lru_cache
 from packaging.version import Version
 
 TESTED_MCORE = ("0.16.1",)
-SUPPORTED_RANGE = (Version("0.16.1"), Version("0.20"))
+SUPPORTED_RANGE = (Version("0.16.1"), Version("0.17"))  # keep equal to setup.py's install_requires
 
 
 @lru_cache(maxsize=None)
@@ -26,12 +27,14 @@ def mcore_version() -> Version:
 
 
 def check_mcore_version() -> Version:
+    """The installed megatron-core version, or an ImportError naming the supported range and the fix."""
     v = mcore_version()
     lo, hi = SUPPORTED_RANGE
     if not (lo <= v < hi):
-        raise RuntimeError(
-            f"fp8flow_megatron supports megatron-core >={lo},<{hi}; found {v}. "
-            f"Install a supported version, e.g. pip install 'megatron-core=={TESTED_MCORE[-1]}'."
+        raise ImportError(
+            f"fp8flow_megatron supports megatron-core >={lo},<{hi} (tested: {', '.join(TESTED_MCORE)}); found {v}. "
+            f"Fix: pip install 'megatron-core=={TESTED_MCORE[-1]}' (megatron-core 0.17+ changed the spec and "
+            f"pretrain APIs, which the plugin does not support yet)."
         )
     return v
 
