@@ -202,3 +202,19 @@ def test_fp8_weights_follow_load_and_the_step_signal(megatron_ep1):
     fresh.load_state_dict(state)
     fresh.experts.is_first_microbatch = True
     assert torch.equal(run_layer(flow, x)[0], run_layer(fresh, x)[0])
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["shared", "shared_gated"])
+def test_shared_experts_match_stock_fp32(megatron_ep1, gate):
+    # --moe-shared-expert-intermediate-size (DeepSeek's shared experts) and --moe-shared-expert-gate: the shared
+    # experts are megatron's own module on the BF16 input; FP8-Flow changes only the routed path (issue 17's review)
+    torch.manual_seed(4)
+    kw = dict(moe_shared_expert_intermediate_size=256, moe_shared_expert_gate=gate)
+    stock, flow = _pair(4, 2, **kw)
+    with torch.no_grad():
+        flow.shared_experts.load_state_dict(stock.shared_experts.state_dict())
+    assert flow.shared_experts is not None and flow.use_shared_expert
+    errs = _compare(stock, flow, torch.randn(16, 2, 128))
+    assert not _over(errs), errs
+    for (name, p), (_, q) in zip(stock.shared_experts.named_parameters(), flow.shared_experts.named_parameters()):
+        assert rel(q.grad, p.grad) <= TOL, name
