@@ -129,11 +129,11 @@ def summarize_mode(rows: List[dict], final_window: int) -> dict:
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in logged[1:]) if len(logged) > 1 else float("nan"),
         "peak_mem_gb": max((r.get("peak_mem_gb", 0.0) for r in logged), default=float("nan")),
     }
+    hs = [r["health"] for r in logged]
     for site in FP8_SITES:
-        under = [h[f"underflow_frac/{site}"] for h in (r["health"] for r in logged) if f"underflow_frac/{site}" in h]
+        under = [h[f"underflow_frac/{site}"] for h in hs if f"underflow_frac/{site}" in h]
         if not under:
             continue
-        hs = [r["health"] for r in logged]
         out[f"underflow_frac/{site}"] = {"mean": statistics.fmean(under), "max": max(under)}
         out[f"saturated_frac/{site}"] = max(h.get(f"saturated_frac/{site}", 0.0) for h in hs)
         exps = [(h[f"scale_exp_min/{site}"], h[f"scale_exp_max/{site}"]) for h in hs if f"scale_exp_min/{site}" in h]
