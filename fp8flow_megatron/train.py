@@ -129,8 +129,10 @@ def init_distributed(args) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from .megatron.cpu_shims import install_cpu_shims
+    from .megatron.stock_fixes import install_grouped_extra_state_fix
 
     install_cpu_shims()
+    install_grouped_extra_state_fix()  # the stock TE-blockwise baseline saves checkpoints too
     if args.use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

@@ -25,19 +25,18 @@ VARIANTS = ("reference", "bf16", "te_blockwise", "fp8flow")
 # stateless blockwise recipe stores an empty _extra_state, and TEGroupedLinear._split_extra_state decodes it to None and
 # indexes it (megatron/core/extensions/transformer_engine.py:1697-1705), so the stock TE blockwise layer cannot build
 # its sharded_state_dict at all. Upstream fix: Megatron-LM PR #6509. The test runs in full once that is fixed.
-STOCK_BLOCKWISE_SAVE_BUG = (
-    "stock megatron-core 0.16.1 TEGroupedLinear._split_extra_state fails on TE 2.20.2's empty blockwise _extra_state "
-    "(Megatron-LM PR #6509): the stock TE blockwise layer cannot save after an FP8 step"
-)
-
-
 @pytest.fixture(scope="module")
 def megatron_te_gpu():
     """megatron's parallel state for one GPU process (EP=1), set up as tests/ops/test_gpu_moe_layer.py does."""
     pytest.importorskip("transformer_engine.pytorch")
     from tests.megatron.mcore_env import free_port, init_megatron, teardown
 
+    from fp8flow_megatron.megatron.stock_fixes import install_grouped_extra_state_fix
+
     init_megatron(0, 1, free_port(), ep=1, seed=0)
+    # stock megatron-core 0.16.1 cannot save TE 2.20's empty blockwise _extra_state (Megatron-LM PR #6509); the
+    # trainer installs the same fix, and the te_blockwise case below fails without it
+    assert install_grouped_extra_state_fix()
     yield
     teardown()
 
@@ -175,12 +174,7 @@ def test_stock_checkpoint_loads_into_fp8flow(megatron_te_gpu, tmp_path, stock_va
     stock = build_moe_layer(stock_variant)
     assert set(dict(stock.named_parameters())) == grouped_param_names()
     run_step(stock, x, grad_out)  # the run that wrote the checkpoint has trained in its own precision
-    try:
-        save_checkpoint(stock, tmp_path / "stock")
-    except TypeError as error:
-        if stock_variant == "te_blockwise" and "NoneType" in str(error):
-            pytest.xfail(STOCK_BLOCKWISE_SAVE_BUG)
-        raise
+    save_checkpoint(stock, tmp_path / "stock")
 
     loaded = build_moe_layer("fp8flow")
     zero_params(loaded)
