@@ -35,8 +35,21 @@ def _pair(num_experts=4, topk=2, **kw):
     return stock, flow
 
 
-def _compare(stock, flow, x):
+def _compare(stock, flow, x, seed=None):
+    """seed: give both layers' runs the same random draws -- torch's and megatron's RNG tracker's (routers that draw
+    random numbers)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker_states = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()} if seed is not None else None
+
+    def same_draws():
+        if seed is not None:
+            torch.manual_seed(seed)
+            get_cuda_rng_tracker().set_states({k: v.clone() for k, v in tracker_states.items()})  # it keeps the dict
+
+    same_draws()
     y0, dx0, dr0 = run_layer(stock, x)
+    same_draws()
     y1, dx1, dr1 = run_layer(flow, x)
     errs = {"out": rel(y1, y0), "dx": rel(dx1, dx0), "drouter": rel(dr1, dr0)}
     for i, ex in enumerate(stock.experts.local_experts):
@@ -232,12 +245,18 @@ ROUTER_CASES = {
     "global_aux_loss": dict(moe_router_load_balancing_type="global_aux_loss"),
     "no_balancing": dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
     "per_layer_logging": dict(moe_per_layer_logging=True),
+    "sinkhorn": dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0),
+    "routing_replay": dict(moe_enable_routing_replay=True),
+    # random routers: the same seed before each layer's run gives both the same draws
+    "input_jitter": dict(moe_input_jitter_eps=0.1),
+    "force_load_balancing": dict(moe_router_force_load_balancing=True),
 }
+RANDOM_ROUTER_CASES = ("input_jitter", "force_load_balancing")
 
 
 @pytest.mark.parametrize("case", sorted(ROUTER_CASES))
 def test_router_flags_match_stock_fp32(megatron_ep1, case):
     torch.manual_seed(5)
     stock, flow = _pair(8, 2, **ROUTER_CASES[case])
-    errs = _compare(stock, flow, torch.randn(16, 2, 128))
+    errs = _compare(stock, flow, torch.randn(16, 2, 128), seed=7 if case in RANDOM_ROUTER_CASES else None)
     assert not _over(errs), f"{case}: {errs}"
