@@ -9,7 +9,7 @@ few tokens (the wgrad chain has the most roundings: fc2 dgrad -> dSwiGLU -> FP8 
 import pytest
 import torch
 
-from .mcore_env import copy_stock_weights, init_megatron, moe_config, moe_layer, rel, run_layer, spawn, teardown, free_port
+from .mcore_env import copy_stock_weights, init_megatron, moe_config, moe_layer, rel, run_layer, spawn
 
 TOL = 0.10
 TOL_W = 0.15
@@ -17,13 +17,6 @@ TOL_W = 0.15
 
 def _over(errs):
     return {k: v for k, v in errs.items() if not v <= (TOL_W if k.startswith('d') and ('fc' in k) else TOL)}
-
-
-@pytest.fixture(scope="module")
-def megatron_ep1():
-    init_megatron(0, 1, free_port(), ep=1)
-    yield
-    teardown()
 
 
 def _pair(num_experts=4, topk=2, **kw):

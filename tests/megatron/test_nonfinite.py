@@ -14,24 +14,10 @@ from fp8flow_megatron.ops.nonfinite import guard
 from fp8flow_megatron.ops.telemetry import monitor
 from fp8flow_megatron.train import DEFAULT_CONFIG
 
-from .mcore_env import free_port, init_megatron, moe_config, moe_layer, spawn, teardown
+from .mcore_env import moe_config, moe_layer, spawn
 from .nonfinite_sites import SITES, VALUES, expected_message, step
 
 LAYER = 3
-
-
-@pytest.fixture(scope="module")
-def megatron_ep1():
-    init_megatron(0, 1, free_port(), ep=1)
-    yield
-    teardown()
-
-
-@pytest.fixture
-def clean_guard():
-    guard.reset()
-    yield guard
-    guard.reset()
 
 
 def _layer(recompute=False):

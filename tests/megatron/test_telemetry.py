@@ -14,14 +14,7 @@ from fp8flow_megatron.megatron.telemetry import attach_routing_telemetry
 from fp8flow_megatron.numerics import fp8_health, quantize_1x128
 from fp8flow_megatron.ops.telemetry import monitor
 
-from .mcore_env import free_port, init_megatron, moe_config, moe_layer, run_layer, teardown
-
-
-@pytest.fixture(scope="module")
-def megatron_ep1():
-    init_megatron(0, 1, free_port(), ep=1)
-    yield
-    teardown()
+from .mcore_env import moe_config, moe_layer, run_layer
 
 
 @pytest.fixture

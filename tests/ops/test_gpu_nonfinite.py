@@ -10,24 +10,6 @@ pytestmark = pytest.mark.gpu
 LAYER = 2
 
 
-@pytest.fixture(scope="module")
-def megatron_gpu():
-    from tests.megatron.mcore_env import free_port, init_megatron, teardown
-
-    init_megatron(0, 1, free_port(), ep=1)
-    yield
-    teardown()
-
-
-@pytest.fixture
-def clean_guard():
-    from fp8flow_megatron.ops.nonfinite import guard
-
-    guard.reset()
-    yield guard
-    guard.reset()
-
-
 def _layer(engine, recompute=False):
     from tests.megatron.mcore_env import moe_config, moe_layer
 
