@@ -14,9 +14,10 @@ fp8_grouped_gemm_nt_triton  out[M, N] = A[M, K] (1x128 per row) . B[e][N, K]^T (
 fp8_grouped_wgrad_triton    dw[e][N, K] = T(g_e) . T(x_e)^T over expert e's rows, T the scaling-aware transpose
 fp8_varlen_gemm_nt_triton, fp8_varlen_wgrad_triton
                             the same with the row groups read from device memory (numerics.groups.RowGroups: offsets
-                            and 128-row tile starts computed on the device): worst-case grids, every program finds its
-                            expert and rows in the offsets (the GEMM by a binary search over the tile starts), tail
-                            rows past the last group are written as zeros by the GEMM and never read by the wgrad.
+                            and 128-row tile starts computed on the device, and a tile -> group table built there by
+                            one searchsorted): worst-case grids, every program reads its expert and rows from device
+                            memory, tail rows past the last group are written as zeros by the GEMM and never read by
+                            the wgrad.
                             No host read, no sync: the sync-free MoE layer's engine (twins: numerics.gemm.fp8_varlen_*).
 The host-split functions build a RowGroups from their m_splits (one small pinned copy) and run the same kernels.
 """
@@ -51,34 +52,22 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
-@jit
-def _find_group(tiles_ptr, num_groups, pid_m, SEARCH_STEPS: tl.constexpr):
-    """The last group e < num_groups with tiles[e] <= pid_m (a branch-free binary search over the device offsets;
-    empty groups share their start with the next group, so for pid_m < tiles[E] the group found is never empty)."""
-    lo = pid_m * 0
-    for s in tl.static_range(SEARCH_STEPS):
-        cand = lo + (1 << (SEARCH_STEPS - 1 - s))
-        t = tl.load(tiles_ptr + tl.minimum(cand, num_groups))
-        lo = tl.where((cand < num_groups) & (t <= pid_m), cand, lo)
-    return lo
-
-
 @_autotune(_configs(["BLOCK_N"]), key=["N", "K"])
 @jit
 def _grouped_gemm_nt_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, num_groups, num_rows,
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
     N, K, num_kb, num_nb,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid (N tiles, max_tiles): consecutive programs share one A tile (L2), and one expert's B stays hot across its
-    # tiles. M tile pid_m < tiles[E] is tile pid_m - tiles[e] of group e (found in the device offsets); the programs
-    # after them write the tail rows offsets[E] .. num_rows - 1 as zeros (no K loop), the rest of the worst-case
-    # grid stores nothing.
+    # tiles. M tile pid_m < tiles[E] is tile pid_m - tiles[e] of group e = tile_groups[pid_m] (all read from device
+    # memory); the programs after them write the tail rows offsets[E] .. num_rows - 1 as zeros (no K loop), the rest
+    # of the worst-case grid stores nothing.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     real_tiles = tl.load(tiles_ptr + num_groups)
     in_group = pid_m < real_tiles
-    expert = _find_group(tiles_ptr, num_groups, pid_m, SEARCH_STEPS).to(tl.int64)
+    expert = tl.load(tile_groups_ptr + pid_m).to(tl.int64)
     group_row0 = tl.load(offsets_ptr + expert) + (pid_m - tl.load(tiles_ptr + expert)) * BLOCK_M
     tail_row0 = tl.load(offsets_ptr + num_groups) + (pid_m - real_tiles) * BLOCK_M
     row0 = tl.where(in_group, group_row0, tail_row0).to(tl.int64)
@@ -177,10 +166,6 @@ def _stack(b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]]) -> Fp8BlockwiseS
     return Fp8BlockwiseStack(torch.stack([w.data for w in b]), torch.stack([w.scale_inv for w in b]))
 
 
-def _search_steps(num_groups: int) -> int:
-    return max(1, (num_groups - 1).bit_length())
-
-
 def _gemm(a: Fp8Blockwise, w: Fp8BlockwiseStack, groups: RowGroups, out_dtype: torch.dtype) -> torch.Tensor:
     m_total, k = a.data.shape
     num_experts, n, _ = w.data.shape
@@ -196,8 +181,8 @@ def _gemm(a: Fp8Blockwise, w: Fp8BlockwiseStack, groups: RowGroups, out_dtype: t
 
     _grouped_gemm_nt_kernel[grid](
         a.data.contiguous(), a.scale_inv.contiguous(), w.data, w.scale_inv, out, groups.offsets, groups.tiles,
-        num_experts, m_total, n, k, kb, nb,
-        BLOCK_M=TILE_M, BLOCK_K=BLOCK, SEARCH_STEPS=_search_steps(num_experts),
+        groups.tile_groups, num_experts, m_total, n, k, kb, nb,
+        BLOCK_M=TILE_M, BLOCK_K=BLOCK,
     )  # fmt: skip
     return out
 

@@ -12,6 +12,8 @@ Conventions shared by every varlen GEMM, its twin and the transposes:
   tiles   int64 [E + 1]  first 128-row tile of each group when every group is cut into 128-row tiles from its own start
                          (tiles[e + 1] - tiles[e] = ceil(counts[e] / 128)); also the first 128-row block of each group's
                          column-wise scales in the scaling-aware transpose (compact: split e at block tiles[e])
+  tile_groups int64 [max_tiles]  the group of each 128-row tile t < tiles[E] (the GEMMs' tile table, built on the
+                         device by one searchsorted), E - 1 for the tiles past them (unused there)
   num_rows, align, max_tiles: host ints. max_tiles bounds tiles[E] plus the 128-row tiles of the tail, so a grid of
                          max_tiles programs along M covers every group and the tail whatever the counts are.
 Outputs of the varlen GEMMs have num_rows rows; their tail rows are zero (written by the kernels), so every
@@ -44,6 +46,7 @@ class RowGroups:
     counts: torch.Tensor  # int64 [E]
     offsets: torch.Tensor  # int64 [E + 1]
     tiles: torch.Tensor  # int64 [E + 1]
+    tile_groups: torch.Tensor  # int64 [max_tiles]
     num_rows: int
     align: int
     max_tiles: int
@@ -58,7 +61,16 @@ class RowGroups:
         zero = counts.new_zeros(1)
         offsets = torch.cat([zero, torch.cumsum(counts, 0)])
         tiles = torch.cat([zero, torch.cumsum((counts + (BLOCK - 1)) // BLOCK, 0)])
-        return cls(counts, offsets, tiles, int(num_rows), int(align), max_tiles(num_rows, counts.numel()))
+        return cls._with_tile_groups(counts, offsets, tiles, num_rows, align)
+
+    @classmethod
+    def _with_tile_groups(cls, counts, offsets, tiles, num_rows, align) -> "RowGroups":
+        e = counts.numel()
+        bound = max_tiles(num_rows, e)
+        # tile t belongs to the first group whose tiles end after t: empty groups (end == start) are skipped
+        t = torch.arange(bound, dtype=torch.int64, device=counts.device)
+        tile_groups = torch.searchsorted(tiles[1:], t, right=True).clamp_(max=max(e - 1, 0))
+        return cls(counts, offsets, tiles, tile_groups, int(num_rows), int(align), bound)
 
     @classmethod
     def from_splits(
@@ -84,7 +96,7 @@ class RowGroups:
             offsets.append(offsets[-1] + s)
             tiles.append(tiles[-1] + ceil_div(s, BLOCK))
         table = host_to_device(torch.tensor(splits + offsets + tiles, dtype=torch.int64), device)
-        return cls(table[:e], table[e : 2 * e + 1], table[2 * e + 1 :], int(num_rows), int(align), max_tiles(num_rows, e))
+        return cls._with_tile_groups(table[:e], table[e : 2 * e + 1], table[2 * e + 1 :], num_rows, align)
 
     @property
     def num_groups(self) -> int:

@@ -35,6 +35,10 @@ def test_row_groups_offsets_and_tiles(m_splits, tail):
         # the worst-case grid covers the groups' tiles and the tail's
         assert tiles[-1] + -(-tail // 128) <= r.max_tiles == max_tiles(num_rows, len(m_splits))
         assert r.host_splits() == m_splits
+        # the GEMMs' tile table: tile t of the groups belongs to the group whose tiles hold it (never an empty one)
+        want = [e for e, m in enumerate(m_splits) for _ in range(-(-m // 128))]
+        assert r.tile_groups.shape == (r.max_tiles,) and r.tile_groups[: len(want)].tolist() == want
+        assert bool((r.tile_groups[len(want):] == len(m_splits) - 1).all())
     assert h.align == (16 if all(m % 16 == 0 for m in m_splits) else 1)
 
 
