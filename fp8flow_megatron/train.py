@@ -12,7 +12,9 @@ the optimizer through megatron's set_is_first_microbatch, and aux-loss scaling, 
 are megatron's. Each log line: iteration, loss, lr, tokens/s, peak memory, FP8 health (underflow fraction of the FP8
 quantizers, fraction of experts that got no token, load imbalance); each logged metrics.jsonl row carries the full
 per-layer telemetry under "health" (ops/telemetry.py). metrics.jsonl is written as iterations finish; loss_curve.png
-at the end, both in --output-dir.
+at the end, both in --output-dir. With FP8-Flow on, every iteration (and every evaluation) ends with the non-finite
+guard's check (ops/nonfinite.py): an inf or NaN that reached an FP8 quantizer stops the run naming layer, site, pass and
+iteration, before the loss check.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+from .ops.nonfinite import guard as nonfinite_guard
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = REPO_CONFIGS / "tiny_cpu.yaml"
@@ -396,6 +400,10 @@ def train_step(args, schedule, model, optimizer, scheduler, dataset, step, devic
     if update_successful:
         scheduler.step(increment=1)
     loss = _reduce_lm_loss(args, losses_reduced, device)
+    if args.moe_fp8_flow:
+        # first: it names the FP8 site where an inf/NaN entered, which the loss check below cannot; the loss was just
+        # read on the host, so the flags' read adds no stall
+        nonfinite_guard.check(step + 1)
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"iteration {step + 1}: training loss is {loss}. Lower --lr or check the data; --no-moe-fp8-flow shows "
@@ -532,6 +540,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             interval_start, interval_steps = time.time(), 0
         if datasets.valid is not None and (step % args.eval_interval == 0 or step == args.train_iters):
             row["val_loss"] = evaluate(args, schedule, model, datasets.valid, device, step // args.eval_interval)
+            if args.moe_fp8_flow:  # the evaluation's forward passes quantized too (tokens, weights, swiglu_out)
+                nonfinite_guard.check(step, phase="evaluation")
             if args.rank == 0:
                 print(f"iter {step:6d} | validation loss {row['val_loss']:.4f}", flush=True)
         history.append(row)

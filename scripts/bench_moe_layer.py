@@ -13,9 +13,14 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   fp8flow_recomp  the same with --moe-expert-recompute
   fp8flow_triton, fp8flow_te (and fp8flow_recomp_triton / _te)  an engine forced: the Triton kernels, or TE's
                   grouped GEMM on the pre-quantized FP8
+  <any fp8flow variant>_noguard  the same with the non-finite guard off (FP8FLOW_NONFINITE_GUARD=0: no flag is passed
+                  to the quantizers); --guard-ab adds one per fp8flow variant and reports the guard's cost
 Every timed fwd+bwd is a training step of one micro-batch: the FP8 weight caches (TE's, FP8-Flow's) are marked stale
 first, as megatron's schedule does, so weight quantization is counted (--frozen-weights: quantized once, as in the
 tables before 2026-12-01).
+The non-finite guard (ops/nonfinite.py) is on in every fp8flow variant without _noguard, as in training: the flags
+are raised inside the timed fwd+bwd, and guard.check() -- once per step in training, where the loss is read -- runs
+after each timed call, outside the CUDA events, timed on the host (check µs).
 Reported per variant: median fwd+bwd time (CUDA events), peak memory above the resident tensors, activation memory
 (allocated after forward), standalone quantize/cast/transpose kernel launches per fwd+bwd (torch.profiler, names
 listed), and the relative L2 error of output, input grad, router grad and expert-weight grads vs an fp32 layer.
@@ -77,6 +82,7 @@ def build_layer(variant: str, args):
 
     from fp8flow_megatron.megatron.spec import fp8flow_moe_spec
 
+    variant = variant.removesuffix(NOGUARD)  # the guard is switched in run_variant, not in the layer
     fp32 = variant == "fp32"
     fp8 = variant == "te_blockwise" or variant.startswith("fp8flow")
     flow = variant.startswith("fp8flow")
@@ -172,6 +178,7 @@ A2A = AllToAllBytes()
 
 
 NEW_STEP = True  # --frozen-weights turns it off
+NOGUARD = "_noguard"  # variant suffix: the same variant with the non-finite guard off
 
 
 def new_step(layer):
@@ -283,15 +290,24 @@ def measure_memory(layer, fp8, x, g):
 
 
 def measure_times(layer, fp8, x, g, iters):
-    times = []
-    for _ in range(iters):
+    """(fwd+bwd ms per call, non-finite guard check µs per call -- empty while the guard is off)."""
+    import time
+
+    from fp8flow_megatron.ops.nonfinite import guard
+
+    times, check_us = [], []
+    for i in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         fwd_bwd(layer, fp8, x, g)
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
-    return times
+        if guard.enabled:  # the trainer's once-per-step check, after the step's sync (as after the loss read)
+            t0 = time.perf_counter()
+            guard.check(i + 1)
+            check_us.append((time.perf_counter() - t0) * 1e6)
+    return times, check_us
 
 
 def profile_kernels(variant, layer, fp8, x, g, iters, args, median_ms):
@@ -326,6 +342,17 @@ def profile_kernels(variant, layer, fp8, x, g, iters, args, median_ms):
 
 
 def run_variant(variant, state, x, g, ref, args):
+    from fp8flow_megatron.ops.nonfinite import guard
+
+    guard_was = guard.enabled
+    guard.enabled = guard_was and not variant.endswith(NOGUARD)
+    try:
+        return _run_variant(variant, state, x, g, ref, args)
+    finally:
+        guard.enabled = guard_was
+
+
+def _run_variant(variant, state, x, g, ref, args):
     layer, fp8 = build_layer(variant, args)
     missing = layer.load_state_dict(state, strict=False)
     assert not [k for k in missing.missing_keys if "_extra_state" not in k], missing
@@ -335,7 +362,7 @@ def run_variant(variant, state, x, g, ref, args):
     for _ in range(3):
         fwd_bwd(layer, fp8, xv, gv)
     peak, act = measure_memory(layer, fp8, xv, gv)
-    times = measure_times(layer, fp8, xv, gv, args.iters)
+    times, check_us = measure_times(layer, fp8, xv, gv, args.iters)
     a2a_bytes = A2A.count(fwd_bwd, layer, fp8, xv, gv)
     profiled = 1 if args.ep == 1 else PROFILED_ITERS_EP
     launches, kernel_us = profile_kernels(variant, layer, fp8, xv, gv, profiled, args, statistics.median(times))
@@ -357,6 +384,7 @@ def run_variant(variant, state, x, g, ref, args):
         "a2a_ms": a2a_ms,
         "a2a_bytes": dict(zip(A2A.PHASES, mean_bytes)),
         "nccl_kernels": nccl,
+        "check_us": statistics.median(check_us) if check_us and variant.startswith("fp8flow") else None,
     }
 
 
@@ -437,6 +465,15 @@ def format_table(results, args) -> str:
     for v, res in results.items():
         listed = ", ".join(f"`{n[:80]}`: {c}" for n, c in sorted(res["cast_names"].items(), key=lambda t: -t[1])) or "none"
         lines.append(f"- {v}: {listed}")
+    guarded = [(v, v + NOGUARD) for v in results if v.startswith("fp8flow") and v + NOGUARD in results]
+    if guarded:
+        lines += ["", "Non-finite guard cost (fwd+bwd median with the guard vs the same variant without it; the check "
+                  "runs once per step, after the step's sync):", ""]
+        for on, off in guarded:
+            a, b = results[on]["ms"], results[off]["ms"]
+            check = results[on]["check_us"]
+            lines.append(f"- {on}: {a:.3f} ms vs {b:.3f} ms without: {100 * (a - b) / b:+.2f}%"
+                         + (f"; check {check:.0f} µs per step" if check is not None else ""))
     if ep > 1:
         lines += ["", "NCCL kernels per fwd+bwd on rank 0 (name: launches, GPU ms; a2a ms sums the SendRecv/AllToAll ones) "
                   + "and all-to-all MB/rank by phase (dispatch / combine / backward / other):", ""]
@@ -455,6 +492,9 @@ def main():
     ap.add_argument("--variants", default="bf16,te_blockwise,fp8flow,fp8flow_recomp,fp8flow_triton,fp8flow_te")
     ap.add_argument("--profile", action="store_true", help="print the top kernels by GPU time per variant")
     ap.add_argument("--write", default=None, help="append the table to this markdown file (rank 0)")
+    ap.add_argument("--guard-ab", action="store_true",
+                    help="also run each fp8flow variant with the non-finite guard off (<variant>_noguard), right after "
+                         "it, and report the guard's cost")
     ap.add_argument("--frozen-weights", action="store_true",
                     help="quantize weights only once (the tables before 2026-12-01): leaves weight quantization out")
     args = ap.parse_args()
@@ -472,7 +512,10 @@ def main():
 
     state, x, g, ref = fp32_reference(args, rank)
     results = {}
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    if args.guard_ab:
+        variants = [w for v in variants for w in ([v, v + NOGUARD] if v.startswith("fp8flow") and not v.endswith(NOGUARD) else [v])]
+    for variant in variants:
         results[variant] = run_variant(variant, state, x, g, ref, args)
         if rank == 0:
             print(f"{variant}: done ({results[variant]['ms']:.2f} ms)", flush=True)

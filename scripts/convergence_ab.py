@@ -59,20 +59,6 @@ def load_metrics(out: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# Modes whose stock megatron-core layers fail to save a checkpoint on the GPU (the trainer would crash at its first
-# save and lose the run): they train without --save. On CPU, TE is absent and the stock layers save fine.
-CANNOT_SAVE_ON_GPU = {
-    "te_blockwise": "megatron-core 0.16.1's TEGroupedMLP cannot save TE 2.20's blockwise FP8 extra state "
-                    "(_split_extra_state: 'NoneType' object is not subscriptable; Megatron-LM PR #6509)",
-}
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def trainer_command(mode: str, args, extra: List[str]) -> List[str]:
     cmd = [
         sys.executable, "-m", "fp8flow_megatron.train", "--config", args.config, *MODES[mode],
@@ -81,11 +67,7 @@ def trainer_command(mode: str, args, extra: List[str]) -> List[str]:
     if args.parallel and not any(a.startswith("--data-cache-path") for a in extra):
         # megatron-core writes its dataset index caches in place: concurrent modes each get their own
         cmd += ["--data-cache-path", str(Path(args.out) / mode / "data_cache")]
-    if args.checkpoint_interval and mode in CANNOT_SAVE_ON_GPU and _cuda_available():
-        print(f"{mode}: trained without checkpoints: {CANNOT_SAVE_ON_GPU[mode]}. It cannot resume: give it one "
-              f"invocation long enough for --steps {args.steps}, or compare the others at its last iteration.",
-              flush=True)
-    elif args.checkpoint_interval:
+    if args.checkpoint_interval:
         ckpt = Path(args.out) / mode / "checkpoint"
         cmd += ["--save", str(ckpt), "--save-interval", str(args.checkpoint_interval)]
         if (ckpt / "latest_checkpointed_iteration.txt").exists():

@@ -126,13 +126,3 @@ def test_a_stopped_ab_resumes_exactly(corpus, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in straight]
 
-
-def test_te_blockwise_trains_without_checkpoints_on_a_gpu(monkeypatch, capsys):
-    """Stock TEGroupedMLP under TE blockwise crashes at its first save on a GPU: the A/B must not pass it --save."""
-    args = ab.build_parser().parse_args(["--config", "c.yaml", "--steps", "10", "--out", "o", "--checkpoint-interval", "5"])
-    monkeypatch.setattr(ab, "_cuda_available", lambda: True)
-    assert "--save" not in ab.trainer_command("te_blockwise", args, [])
-    assert "cannot resume" in capsys.readouterr().out
-    assert "--save" in ab.trainer_command("fp8flow", args, [])
-    monkeypatch.setattr(ab, "_cuda_available", lambda: False)  # CPU: TE is absent, the stock layers save
-    assert "--save" in ab.trainer_command("te_blockwise", args, [])

@@ -58,9 +58,9 @@ def _probe_worker(rank, world_size, port, argv, tmp):
                 report["stale_gap"] = max(report["stale_gap"], gap)
         return fprop(self, x_q, weights, m_splits, out_dtype)
 
-    def counted_quantize(self, weights):
+    def counted_quantize(self, weights, **kwargs):
         report["quantizations"] += 1
-        return quantize(self, weights)
+        return quantize(self, weights, **kwargs)
 
     FP8FlowGroupedMLP.forward, ReferenceGemm.fprop = probed_forward, probed_fprop
     ReferenceGemm.quantize_weights = counted_quantize

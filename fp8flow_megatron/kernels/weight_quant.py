@@ -13,20 +13,21 @@ stacked tensor: no [E, N, K] bf16 copy is made.
 Scale rule: ``quantize_1x128_rows`` (kernels/quantize.py), the one GPU implementation of numerics/format.py's rule,
 applied to the block flattened to one row of 128*128 values (its amax is the block amax). Codes and scales are
 bit-identical to the twin, except that a NaN input encodes as 0x7F whatever its sign (hardware conversion) where the
-twin keeps the sign.
+twin keeps the sign. Given a `nonfinite_flag`, a program whose block holds an inf or NaN raises it (the block rule
+knows already; no extra pass).
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, ceil_div
+from ..numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, ceil_div, check_nonfinite_flag
 from ._tables import cached_int64_table
 from ..numerics.gemm import Fp8BlockwiseStack, check_weight_stack
 from ._triton import jit, require_cuda, require_triton, tl
-from .quantize import quantize_1x128_rows
+from .quantize import flag_arg, quantize_1x128_rows, raise_nonfinite_flag
 
 # One 128x128 block per program, 8 warps: 64 values per thread (the tile is held in registers as fp32). Not swept yet.
 _NUM_WARPS = 8
@@ -42,6 +43,7 @@ def _quantize_weight_stack_kernel(
     codes_t_ptr,  # uint8 view of e4m3 [E, K, N]
     scale_inv_ptr,  # fp32 [E, NUM_N_BLOCKS, NUM_K_BLOCKS]
     scale_inv_t_ptr,  # fp32 [E, NUM_K_BLOCKS, NUM_N_BLOCKS]
+    flag_ptr,  # int32 [1], raised on an inf or NaN weight (read only when HAS_FLAG)
     # sizes
     N,
     K,
@@ -51,6 +53,7 @@ def _quantize_weight_stack_kernel(
     BLOCK_SIZE: tl.constexpr,
     FP8_MAX: tl.constexpr,
     PTRS_ALIGNED_16: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
 ):
     # grid (blocks of one expert, k-blocks fastest; experts): programs running together read the same 128 rows
     kb = tl.program_id(0) % NUM_K_BLOCKS
@@ -68,7 +71,9 @@ def _quantize_weight_stack_kernel(
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
     # masked-off entries of a partial edge block load as 0: they cannot raise the amax, and are never stored
     x = tl.load(w + rows64[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    codes, scale_inv = quantize_1x128_rows(tl.reshape(x, (1, BLOCK_SIZE * BLOCK_SIZE)), FP8_MAX)
+    codes, scale_inv, nonfinite = quantize_1x128_rows(tl.reshape(x, (1, BLOCK_SIZE * BLOCK_SIZE)), FP8_MAX)
+    if HAS_FLAG:
+        raise_nonfinite_flag(flag_ptr, nonfinite)
     codes = tl.reshape(codes, (BLOCK_SIZE, BLOCK_SIZE))
     # The scale_inv of a block whose amax is below ~2.6e-36 (e.g. all fp32 subnormals) is the subnormal 2^-127. Where
     # div_rn is lowered to libdevice, which Triton links flush-to-zero, div_rn(1, 2^127) returns +0 instead; no
@@ -86,7 +91,9 @@ def _quantize_weight_stack_kernel(
     tl.store(scale_inv_t_ptr + (expert * NUM_K_BLOCKS + kb) * NUM_N_BLOCKS + nb + one, scale_inv)
 
 
-def quantize_weight_stack_triton(weights: Sequence[torch.Tensor]) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
+def quantize_weight_stack_triton(
+    weights: Sequence[torch.Tensor], nonfinite_flag: Optional[torch.Tensor] = None
+) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
     """128x128 quantization of all E experts of one linear in one launch; twin of numerics.gemm.quantize_weight_stack.
 
     weights: E >= 1 separate CUDA [N, K] tensors of one shape, dtype (fp32 or bf16) and device, each CONTIGUOUS
@@ -94,6 +101,8 @@ def quantize_weight_stack_triton(weights: Sequence[torch.Tensor]) -> Tuple[Fp8Bl
              parameter buffer) or .detach()ed views of them. A non-contiguous weight is refused rather than copied
              (a hidden copy of every expert would double the traffic); call .contiguous() on it first. Partial edge
              blocks (N or K not multiples of 128) are allowed.
+    nonfinite_flag: None, or a CUDA int32 [1] tensor on the weights' device, set to 1 (asynchronously) when any
+             expert's weight holds an inf or NaN.
     Returns (stack, stack_t):
         stack:   data [E, N, K] e4m3 row-major, scale_inv [E, ceil(N/128), ceil(K/128)] fp32 (fprop's B operand);
         stack_t: data [E, K, N] e4m3, scale_inv [E, ceil(K/128), ceil(N/128)] (dgrad's B operand), the exact
@@ -104,6 +113,7 @@ def quantize_weight_stack_triton(weights: Sequence[torch.Tensor]) -> Tuple[Fp8Bl
     op = "quantize_weight_stack_triton"
     num_experts, n, k = check_weight_stack(weights, op)
     require_cuda(op, *weights)
+    check_nonfinite_flag(nonfinite_flag, weights[0].device, op)
     for i, w in enumerate(weights):
         if not w.is_contiguous():
             raise ValueError(
@@ -123,8 +133,9 @@ def quantize_weight_stack_triton(weights: Sequence[torch.Tensor]) -> Tuple[Fp8Bl
         addresses = [w.data_ptr() for w in weights]
         table = cached_int64_table(addresses, device)  # made once per set of weight addresses, then reused
         _quantize_weight_stack_kernel[(nbn * nbk, num_experts)](
-            table, weights[0], data, data_t.view(torch.uint8), scale_inv, scale_inv_t, n, k, nbn, nbk,
+            table, weights[0], data, data_t.view(torch.uint8), scale_inv, scale_inv_t,
+            flag_arg(nonfinite_flag, scale_inv), n, k, nbn, nbk,
             BLOCK_SIZE=BLOCK, FP8_MAX=E4M3_MAX, PTRS_ALIGNED_16=all(a % 16 == 0 for a in addresses),
-            num_warps=_NUM_WARPS,
+            HAS_FLAG=nonfinite_flag is not None, num_warps=_NUM_WARPS,
         )  # fmt: skip
     return Fp8BlockwiseStack(data, scale_inv), Fp8BlockwiseStack(data_t, scale_inv_t)

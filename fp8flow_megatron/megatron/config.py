@@ -125,6 +125,8 @@ _UNSUPPORTED_WITH_FP8_FLOW = (
     ("--moe-token-dropping", "moe_token_dropping", "drops tokens; FP8-Flow is dropless."),
     ("--moe-router-padding-for-fp8", "moe_router_padding_for_fp8", "pads the routing for FP8 GEMMs; FP8-Flow pads "
      "each expert inside its fused permute without sending extra tokens."),
+    ("--moe-router-fusion", "moe_router_fusion", "runs TE's fused router kernels, which no FP8-Flow test has run on a "
+     "GPU yet (megatron's unfused router, tested with FP8-Flow under every routing flag, computes the same routing)."),
 )
 
 

@@ -3,7 +3,8 @@
 get_fp8flow_decoder_block_spec(config, ...) is the public entry: it is megatron's get_gpt_decoder_block_spec, and when
 config.moe_fp8_flow is set every MoE layer's mlp becomes FP8FlowMoELayer with FP8FlowGroupedMLP experts. With the flag
 off it returns megatron's spec object untouched. install_fp8flow_spec() is the narrow monkeypatch for code that builds
-specs itself (Megatron-LM's gpt_builders): idempotent, lazy, logged.
+specs itself (Megatron-LM's gpt_builders): idempotent, lazy, logged; inside Megatron-LM's training loop it also installs
+the non-finite guard's per-iteration check (megatron/step_check.py).
 """
 
 from __future__ import annotations
@@ -128,8 +129,15 @@ def get_fp8flow_decoder_block_spec(
 def install_fp8flow_spec() -> bool:
     """Make megatron's MoE spec factory return FP8-Flow layers (for code that builds specs itself, e.g. Megatron-LM's
     gpt_builders). FP8FlowMoELayer / FP8FlowGroupedMLP behave exactly like the stock classes while config.moe_fp8_flow
-    is off, and only TEGroupedMLP expert specs are rewritten. Returns False if it was already installed."""
+    is off, and only TEGroupedMLP expert specs are rewritten. Returns False if it was already installed.
+
+    Both Megatron-LM routes call it from their model builder, inside Megatron-LM's pretrain(): there it also wraps
+    Megatron-LM's train_step with the non-finite guard's check (install_megatron_lm_step_check), so that an inf or NaN
+    reaching an FP8 quantizer stops the run at the end of that iteration, naming layer, site and pass."""
     require_module_spec_api("install_fp8flow_spec")
+    from .step_check import install_megatron_lm_step_check
+
+    install_megatron_lm_step_check()  # a no-op outside Megatron-LM's training loop, and when installed already
     from megatron.core.models.gpt import gpt_layer_specs, moe_module_specs
     from megatron.core.transformer.moe.experts import TEGroupedMLP
 

@@ -106,6 +106,27 @@ def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(bad_amax, torch.ones_like(scale), scale)
 
 
+def check_nonfinite_flag(flag, device, op: str) -> None:
+    """The error for a bad `nonfinite_flag` argument of a quantizer: None, or a 1-element torch.int32 tensor on the
+    data's device (a slot of ops.nonfinite's per-device buffer)."""
+    if flag is None:
+        return
+    if not isinstance(flag, torch.Tensor) or flag.dtype != torch.int32 or flag.numel() != 1:
+        got = f"{flag.dtype} tensor of shape {tuple(flag.shape)}" if isinstance(flag, torch.Tensor) else type(flag).__name__
+        raise TypeError(f"{op}: nonfinite_flag must be None or a 1-element torch.int32 tensor, got a {got}")
+    if flag.device != torch.device(device):
+        raise ValueError(f"{op}: nonfinite_flag is on {flag.device} but the data on {device}; use a flag on the data's device")
+
+
+def mark_nonfinite(flag, amax: torch.Tensor) -> None:
+    """flag |= 1 when any entry of `amax` (block amaxes, fp32, NaN-propagating as torch's amax is) is inf or NaN: in
+    place and on the device, so a quantizer can raise the flag without a host sync. flag: None (no-op) or a 1-element
+    int32 tensor. The block amax is what every quantizer computes anyway, so the spec checks it rather than making a
+    second pass over the data."""
+    if flag is not None:
+        flag.bitwise_or_((~torch.isfinite(amax)).any().to(torch.int32))
+
+
 def saturating_cast_e4m3(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> E4M3 with round-to-nearest-even, saturating to ±448 (NaN stays NaN, ±inf -> ±448, -0 stays -0).
 

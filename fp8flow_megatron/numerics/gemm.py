@@ -9,6 +9,7 @@ wgrad:  a = dy^T (1x128 of the transpose), b = x^T -> dw, both from scaling_awar
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -114,12 +115,16 @@ def check_weight_stack(weights: Sequence[torch.Tensor], op: str) -> Tuple[int, i
     return len(weights), n, k
 
 
-def quantize_weight_stack(weights: Sequence[torch.Tensor]) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
+def quantize_weight_stack(
+    weights: Sequence[torch.Tensor], nonfinite_flag: Optional[torch.Tensor] = None
+) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
     """128x128 quantization of all E experts of one linear, in both usages the grouped GEMMs read.
 
     weights: E >= 1 separate [N, K] tensors of one shape, dtype (fp32 or bf16) and device, each anywhere in memory
              (in training: nn.Parameters inside megatron's DDP parameter buffer, or .detach()ed views of them); any
              strides. Partial edge blocks (N or K not multiples of 128) are allowed.
+    nonfinite_flag: None, or a 1-element int32 tensor on the weights' device, set to 1 when any expert's weight holds
+             an inf or NaN.
     Returns (stack, stack_t):
         stack:   data [E, N, K] e4m3 row-major, scale_inv [E, ceil(N/128), ceil(K/128)] fp32 -- expert e is exactly
                  quantize_128x128(weights[e]) (fprop's B operand);
@@ -127,7 +132,7 @@ def quantize_weight_stack(weights: Sequence[torch.Tensor]) -> Tuple[Fp8Blockwise
                  (dgrad's B operand; a block keeps its scale, so no requantization).
     """
     check_weight_stack(weights, "quantize_weight_stack")
-    stack = Fp8BlockwiseStack.quantize(weights, quantize_128x128)
+    stack = Fp8BlockwiseStack.quantize(weights, functools.partial(quantize_128x128, nonfinite_flag=nonfinite_flag))
     return stack, stack.t()
 
 

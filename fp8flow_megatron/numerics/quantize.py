@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +13,8 @@ from .format import (
     ROWWISE_1X128,
     Fp8Blockwise,
     ceil_div,
+    check_nonfinite_flag,
+    mark_nonfinite,
     saturating_cast_e4m3,
     scale_from_amax,
 )
@@ -25,35 +29,44 @@ def _check_input(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: K must be >= 1, got shape {tuple(x.shape)}")
 
 
-def quantize_1x128(x: torch.Tensor) -> Fp8Blockwise:
+def quantize_1x128(x: torch.Tensor, nonfinite_flag: Optional[torch.Tensor] = None) -> Fp8Blockwise:
     """Row-wise 1x128 blockwise quantization (activations and gradients).
 
     x: [M, K] fp32 or bf16, M >= 0, K >= 1; the last block of a row may be partial (K % 128 != 0).
+    nonfinite_flag: None, or a 1-element int32 tensor on x's device, set to 1 (never cleared) when x holds an inf or
+        NaN -- which the codes cannot show: inf saturates to ±448 and NaN is encoded like any value.
     Returns Fp8Blockwise(data [M, K] e4m3, scale_inv [M, ceil(K/128)] fp32, block (1, 128)).
     """
     _check_input(x, "quantize_1x128")
+    check_nonfinite_flag(nonfinite_flag, x.device, "quantize_1x128")
     m, k = x.shape
     nb = ceil_div(k, BLOCK)
     x32 = x.to(torch.float32)
     # Zero padding of a partial last block cannot change its amax (amax >= 0), and is dropped afterwards.
     blocks = F.pad(x32, (0, nb * BLOCK - k)).view(m, nb, BLOCK)
-    scale = scale_from_amax(blocks.abs().amax(dim=2)) if m > 0 else x32.new_ones(0, nb)
+    amax = blocks.abs().amax(dim=2) if m > 0 else x32.new_zeros(0, nb)
+    mark_nonfinite(nonfinite_flag, amax)
+    scale = scale_from_amax(amax) if m > 0 else x32.new_ones(0, nb)
     data = saturating_cast_e4m3(blocks * scale.unsqueeze(2)).view(m, nb * BLOCK)[:, :k].contiguous()
     return Fp8Blockwise(data=data, scale_inv=1.0 / scale, block=ROWWISE_1X128)
 
 
-def quantize_128x128(x: torch.Tensor) -> Fp8Blockwise:
+def quantize_128x128(x: torch.Tensor, nonfinite_flag: Optional[torch.Tensor] = None) -> Fp8Blockwise:
     """128x128 blockwise quantization (weights).
 
     x: [M, K] fp32 or bf16, M >= 0, K >= 1; edge blocks may be partial in either dimension.
+    nonfinite_flag: None, or a 1-element int32 tensor on x's device, set to 1 when x holds an inf or NaN.
     Returns Fp8Blockwise(data [M, K] e4m3, scale_inv [ceil(M/128), ceil(K/128)] fp32, block (128, 128)).
     """
     _check_input(x, "quantize_128x128")
+    check_nonfinite_flag(nonfinite_flag, x.device, "quantize_128x128")
     m, k = x.shape
     mb, nb = ceil_div(m, BLOCK), ceil_div(k, BLOCK)
     x32 = x.to(torch.float32)
     blocks = F.pad(x32, (0, nb * BLOCK - k, 0, mb * BLOCK - m)).view(mb, BLOCK, nb, BLOCK)
-    scale = scale_from_amax(blocks.abs().amax(dim=(1, 3))) if m > 0 else x32.new_ones(0, nb)
+    amax = blocks.abs().amax(dim=(1, 3)) if m > 0 else x32.new_zeros(0, nb)
+    mark_nonfinite(nonfinite_flag, amax)
+    scale = scale_from_amax(amax) if m > 0 else x32.new_ones(0, nb)
     data = saturating_cast_e4m3(blocks * scale[:, None, :, None]).view(mb * BLOCK, nb * BLOCK)[:m, :k].contiguous()
     return Fp8Blockwise(data=data, scale_inv=1.0 / scale, block=BLOCK_128X128)
 

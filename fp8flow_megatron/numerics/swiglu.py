@@ -11,7 +11,7 @@ result is rounded, straight to FP8 (no BF16 intermediate). The fp32 formulas (th
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -33,9 +33,13 @@ def weighted_swiglu(fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return a * torch.sigmoid(a) * b * probs.to(torch.float32).unsqueeze(1)
 
 
-def weighted_swiglu_quant(fc1_out: torch.Tensor, probs: torch.Tensor) -> Fp8Blockwise:
-    """fc1_out [N, 2F] bf16/fp32, probs [N] fp32 -> FP8 (1x128) [N, F], the fc2 input."""
-    return quantize_1x128(weighted_swiglu(fc1_out, probs))
+def weighted_swiglu_quant(
+    fc1_out: torch.Tensor, probs: torch.Tensor, nonfinite_flag: Optional[torch.Tensor] = None
+) -> Fp8Blockwise:
+    """fc1_out [N, 2F] bf16/fp32, probs [N] fp32 -> FP8 (1x128) [N, F], the fc2 input.
+    nonfinite_flag: None, or a 1-element int32 tensor set to 1 when the quantizer's fp32 input (silu(a) * b * p) holds
+    an inf or NaN, whether it came in with fc1_out or arose in the product."""
+    return quantize_1x128(weighted_swiglu(fc1_out, probs), nonfinite_flag)
 
 
 def weighted_swiglu_backward(
@@ -56,9 +60,11 @@ def weighted_swiglu_backward(
 
 
 def weighted_swiglu_quant_backward(
-    grad_out: torch.Tensor, fc1_out: torch.Tensor, probs: torch.Tensor
+    grad_out: torch.Tensor, fc1_out: torch.Tensor, probs: torch.Tensor, nonfinite_flag: Optional[torch.Tensor] = None
 ) -> Tuple[Fp8Blockwise, torch.Tensor]:
     """grad_out [N, F] (fc2 dgrad, bf16/fp32), fc1_out [N, 2F], probs [N] ->
-    (grad_fc1_out FP8 1x128 [N, 2F] for the fc1 dgrad/wgrad GEMMs, grad_probs [N] fp32)."""
+    (grad_fc1_out FP8 1x128 [N, 2F] for the fc1 dgrad/wgrad GEMMs, grad_probs [N] fp32).
+    nonfinite_flag: None, or a 1-element int32 tensor set to 1 when [da | db] (the quantizer's input) holds an inf or
+    NaN. grad_probs is not quantized and not checked here (it stays fp32 and reaches the router's own gradient)."""
     grad_fc1_out, dp = weighted_swiglu_backward(grad_out, fc1_out, probs)
-    return quantize_1x128(grad_fc1_out), dp
+    return quantize_1x128(grad_fc1_out, nonfinite_flag), dp

@@ -6,6 +6,7 @@ Forward:  x (bf16) --quantize (cast #1)--> FP8 --permute(+pad)--> FP8 --all-to-a
 Backward: d out (bf16) --quantize (cast #2)--> FP8 --permute--> FP8 --all-to-all--> FP8 --sort + pad--> experts' dY
           experts' dX (bf16) --unpad + unsort--> bf16 --all-to-all--> bf16 --unpermute--> bf16 --> dx (straight through)
 Row moves take index maps built by fp8flow_megatron.numerics.permute (routing_rows, chunk_sort_pad_rows).
+Both casts raise the non-finite guard's flag of their site (ops/nonfinite.py) on every iteration.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .backend import backend_for
 from .fp8_tensor import Fp8FlowTensor
+from .nonfinite import guard
 from .telemetry import monitor
 
 
@@ -34,8 +36,8 @@ def _gather(x: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _quantize(x2d: torch.Tensor, site: str) -> Fp8FlowTensor:
-    q = backend_for(x2d.device).quantize_1x128(x2d)
+def _quantize(x2d: torch.Tensor, site: str, direction: str) -> Fp8FlowTensor:
+    q = backend_for(x2d.device).quantize_1x128(x2d, guard.flag(site, direction, x2d.device))
     monitor.observe(site, x2d, q)
     return Fp8FlowTensor(q, x2d.dtype)
 
@@ -45,7 +47,7 @@ class _QuantizeTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, site: str):
-        return _quantize(x, site)
+        return _quantize(x, site, "forward")
 
     @staticmethod
     def backward(ctx, grad):
@@ -90,7 +92,7 @@ class _UnpermuteRows(torch.autograd.Function):
     def backward(ctx, grad):
         (src_rows,) = ctx.saved_tensors
         if ctx.quantize_grad and not isinstance(grad, Fp8FlowTensor):
-            grad = _quantize(grad.contiguous(), ctx.site)  # cast #2: the combine gradient, once, before moving it
+            grad = _quantize(grad.contiguous(), ctx.site, "backward")  # cast #2: the combine gradient, once
         return _gather(grad, src_rows), None, None, None, None
 
 

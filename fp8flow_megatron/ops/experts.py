@@ -12,11 +12,13 @@ protocol, see megatron/experts.py) and the step's micro-batches, their backward 
 W^T is the exact 128x128 block transpose. Expert-level recompute keeps only x_fp8 (needed for wgrad anyway) and
 re-runs fc1 -> SwiGLU+quant. With fuse_wgrad_accumulation (megatron's gradient_accumulation_fusion) the weight
 gradients are accumulated straight into each weight's fp32 `main_grad`, as TE's grouped linear does.
+Every quantization here (weights, swiglu_out, dswiglu_out, a BF16 output gradient) raises its site's non-finite guard
+flag (ops/nonfinite.py) on an inf or NaN input, on every iteration; the trainer checks the flags once per iteration.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +28,7 @@ from ..numerics.groups import RowGroups
 from .backend import backend_for
 from .fp8_tensor import Fp8FlowTensor
 from .gemm_engine import gemm_engine_for
+from .nonfinite import guard
 from .telemetry import monitor
 
 
@@ -42,14 +45,16 @@ class WeightQuantCache:
         self._entries = {}
         self.num_quantizations = 0  # per linear; read by tests and telemetry
 
-    def get_group(self, name: str, weights, engine, refresh: bool):
+    def get_group(self, name: str, weights, engine, refresh: bool, guard_site: Optional[str] = None):
         """All experts' weights of linear `name` in the engine's form (a list, or one stacked buffer): quantized anew
-        when `refresh` (a new optimizer step) or when nothing fitting is cached, else the cached codes."""
+        when `refresh` (a new optimizer step) or when nothing fitting is cached, else the cached codes. guard_site:
+        the non-finite guard site that a quantization raises (forward direction), e.g. "layer2/fc1_weight"."""
         hit = self._entries.get(name)
         if not refresh and hit is not None and hit[0] == (engine.name, len(weights)):
             return hit[1]
+        flag = guard.flag(guard_site, "forward", weights[0].device) if guard_site is not None and weights else None
         with torch.no_grad():
-            w_q = engine.quantize_weights(weights)
+            w_q = engine.quantize_weights(weights, nonfinite_flag=flag)
         self._entries[name] = ((engine.name, len(weights)), w_q)
         self.num_quantizations += 1
         return w_q
@@ -107,10 +112,12 @@ def _unpack(data: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Blockwise:
     return Fp8Blockwise(data, scale_inv)
 
 
-def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix=None):
+def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix, observe=True):
+    """fc1 GEMM, then weighted SwiGLU fused with its quantization (guard site swiglu_out, forward; the recompute in
+    backward raises the same slot, as it quantizes the same values). observe: record FP8 health (not on recompute)."""
     y1 = engine.fprop(x_q, w1, m_splits, out_dtype)
-    a_q = b.weighted_swiglu_quant(y1, probs)
-    if site_prefix is not None and monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input
+    a_q = b.weighted_swiglu_quant(y1, probs, guard.flag(site_prefix + "swiglu_out", "forward", y1.device))
+    if observe and monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input
         monitor.observe(site_prefix + "swiglu_out", _swiglu.weighted_swiglu(y1, probs), a_q)
     return y1, a_q
 
@@ -123,8 +130,8 @@ class _Fp8FlowExperts(torch.autograd.Function):
         b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name, num_experts)
         x_q = x.fp8
         out_dtype = x.dtype
-        w1_q = cache.get_group("fc1", w1, engine, refresh)
-        w2_q = cache.get_group("fc2", w2, engine, refresh)
+        w1_q = cache.get_group("fc1", w1, engine, refresh, guard_site=site_prefix + "fc1_weight")
+        w2_q = cache.get_group("fc2", w2, engine, refresh, guard_site=site_prefix + "fc2_weight")
         y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype, site_prefix)
         y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
         ctx.m_splits, ctx.recompute, ctx.out_dtype = m_splits, recompute, out_dtype
@@ -154,17 +161,21 @@ class _Fp8FlowExperts(torch.autograd.Function):
         w1, w2 = weights[:n_e], weights[n_e:]
         w1_q, w2_q = ctx.w1_q, ctx.w2_q
         if ctx.recompute:
-            y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype)
+            y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype, ctx.site_prefix, observe=False)
 
         if isinstance(grad_y2, Fp8FlowTensor):
             g2_q = grad_y2.fp8
         else:  # a BF16 gradient: only when the caller did not route the FP8 combine gradient here
-            g2_q = b.quantize_1x128(grad_y2.contiguous())
+            g2_q = b.quantize_1x128(
+                grad_y2.contiguous(), guard.flag(ctx.site_prefix + "expert_out_grad", "backward", grad_y2.device)
+            )
             monitor.observe(ctx.site_prefix + "expert_out_grad", grad_y2, g2_q)
 
         grad_a = engine.dgrad(g2_q, w2_q, m_splits, out_dtype)
         dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad)
-        g1_q, grad_probs = b.weighted_swiglu_quant_backward(grad_a, y1, probs)
+        g1_q, grad_probs = b.weighted_swiglu_quant_backward(
+            grad_a, y1, probs, guard.flag(ctx.site_prefix + "dswiglu_out", "backward", grad_a.device)
+        )
         if monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input of the quantizer
             monitor.observe(ctx.site_prefix + "dswiglu_out", _swiglu.weighted_swiglu_backward(grad_a, y1, probs)[0], g1_q)
         grad_x = engine.dgrad(g1_q, w1_q, m_splits, out_dtype)
@@ -201,7 +212,8 @@ def fp8_flow_experts(
                  one); False reuses the cache's codes from earlier in the step.
     fuse_wgrad_accumulation: accumulate the weight gradients into each weight's `main_grad` (megatron's
                  gradient_accumulation_fusion; the autograd gradients returned are zero dummies), else return them.
-    telemetry_site_prefix: prepended to the FP8 health site names ("layer3/" -> "layer3/swiglu_out").
+    telemetry_site_prefix: prepended to the site names of FP8 health telemetry and of the non-finite guard ("layer3/"
+                 -> "layer3/swiglu_out", "layer3/fc1_weight").
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):

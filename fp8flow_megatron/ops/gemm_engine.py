@@ -15,6 +15,11 @@ sync-free layout of the EP=1 dispatcher. Only the Triton engine consumes a RowGr
 fp8_varlen_* kernels); the reference engine runs the fp8_varlen_* twins (which read the counts: it is the CPU spec);
 the TE engine needs host m_splits by its API, so it reads the counts (a device -> host sync) and runs on the groups'
 rows, returning zero tail rows like the others.
+
+quantize_weights(weights, nonfinite_flag) raises the non-finite guard's flag (ops/nonfinite.py) on an inf or NaN
+weight: for free in our quantizers (reference, Triton); TE's 128x128 quantizer reports nothing (an inf block gets
+scale 1 and saturates, a NaN is encoded), so the TE engine adds one multi-tensor max-norm over the experts' weights
+(torch._foreach_norm, inf: NaN-propagating, one read of the weights per optimizer step, no sync).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import List, Sequence
 import torch
 
 from ..numerics import Fp8Blockwise
-from ..numerics.format import host_to_device
+from ..numerics.format import host_to_device, mark_nonfinite
 from ..numerics.gemm import fp8_gemm_nt, fp8_grouped_gemm_nt, fp8_varlen_gemm_nt, fp8_varlen_wgrad, transpose_128x128
 from ..numerics.groups import RowGroups
 from .backend import backend_for
@@ -37,12 +42,12 @@ TE_MIN, TE_MAX_EXCLUSIVE = "2.12", "2.21"
 class ReferenceGemm:
     name = "reference"
 
-    def quantize_weight(self, w: torch.Tensor):
-        w_q = backend_for(w.device).quantize_128x128(w.detach())
+    def quantize_weight(self, w: torch.Tensor, nonfinite_flag=None):
+        w_q = backend_for(w.device).quantize_128x128(w.detach(), nonfinite_flag)
         return w_q, transpose_128x128(w_q)
 
-    def quantize_weights(self, weights):
-        return [self.quantize_weight(w) for w in weights]
+    def quantize_weights(self, weights, nonfinite_flag=None):
+        return [self.quantize_weight(w, nonfinite_flag) for w in weights]
 
     def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
         if isinstance(m_splits, RowGroups):
@@ -134,8 +139,14 @@ class TEGroupedGemm:
     def quantize_weight(self, w: torch.Tensor):
         return self._q2d(w.detach())
 
-    def quantize_weights(self, weights):
-        return [self.quantize_weight(w) for w in weights]
+    def quantize_weights(self, weights, nonfinite_flag=None):
+        quantized = [self.quantize_weight(w) for w in weights]
+        if nonfinite_flag is not None and weights:
+            # TE's quantizer cannot report an inf or NaN; the max-norm of each weight (NaN propagates) can, without a
+            # sync: one extra read of the weights, once per optimizer step (see the module docstring)
+            amax = torch._foreach_norm([w.detach() for w in weights], float("inf"))
+            mark_nonfinite(nonfinite_flag, torch.stack(amax))
+        return quantized
 
     @staticmethod
     def _gemm_ready_scales(scale_inv: torch.Tensor, m_splits: Sequence[int]) -> List[torch.Tensor]:
@@ -249,8 +260,8 @@ class TritonGroupedGemm:
 
     name = "triton"
 
-    def quantize_weights(self, weights):
-        return backend_for(weights[0].device).quantize_weight_stack(weights)
+    def quantize_weights(self, weights, nonfinite_flag=None):
+        return backend_for(weights[0].device).quantize_weight_stack(weights, nonfinite_flag)
 
     @staticmethod
     def _gemm(a_q, w, rows, out_dtype):

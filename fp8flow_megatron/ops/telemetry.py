@@ -2,8 +2,9 @@
 
 Observing costs passes over the tensors (and host syncs on GPU), so it runs only while `monitor.enabled` is set -- the
 trainer turns it on for the iterations it logs; on every other iteration each hook is one attribute test and nothing
-touches the device. A non-finite value reaching an FP8 quantizer is a reliability event: while observing, it raises
-FloatingPointError naming the layer and site instead of letting NaN/inf turn into codes.
+touches the device. Non-finite values are not this module's business: the non-finite guard (ops/nonfinite.py) sees
+them at every quantizer on every iteration and stops the run at the end of the step, on every rank together; the
+statistics here count finite values only.
 
 What is recorded, per MoE layer (sites are named "layer{N}/{site}"; a site without a layer prefix is pooled only):
   FP8 quantization sites (FP8-Flow): tokens (cast #1, before dispatch), combine_grad (cast #2), swiglu_out (the fc2
@@ -50,15 +51,9 @@ class Fp8HealthMonitor:
         """x: the high-precision tensor [M, K] that was quantized into q (same shape)."""
         if not self.enabled:
             return
+        # An inf or NaN is left to the non-finite guard, which raises at the end of the step on every rank together:
+        # raising here, inside one rank's forward or backward, would leave its peers waiting in the next collective.
         h = fp8_health(x, q)
-        if h["nonfinite"]:
-            layer, name = split_site(site)
-            where = f"'{name}'" + (f" of MoE {layer}" if layer else "")
-            raise FloatingPointError(
-                f"fp8flow: {h['nonfinite']} non-finite values reached the FP8 quantizer at {where} "
-                f"(shape {tuple(x.shape)}). Check the loss scale / learning rate, or run with "
-                f"--no-moe-fp8-flow to see whether the model diverges without FP8."
-            )
         s = self._sites[site]
         s["nonzero"] += h["nonzero"]
         s["underflow"] += h["underflow_frac"] * h["nonzero"]

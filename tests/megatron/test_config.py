@@ -54,6 +54,7 @@ def test_good_config_validates():
         ({"moe_extended_tp": True}, "--moe-extended-tp", "remove"),
         ({"moe_token_dropping": True}, "--moe-token-dropping", "remove"),
         ({"moe_router_padding_for_fp8": True}, "--moe-router-padding-for-fp8", "remove"),
+        ({"moe_router_fusion": True}, "--moe-router-fusion", "remove --moe-router-fusion"),
         ({"cuda_graph_impl": "transformer_engine"}, "--cuda-graph-impl transformer_engine", "--cuda-graph-impl none"),
         ({"cuda_graph_impl": "local"}, "--cuda-graph-impl local", "--cuda-graph-impl none"),
         ({"enable_cuda_graph": True}, "--enable-cuda-graph", "--cuda-graph-impl none"),

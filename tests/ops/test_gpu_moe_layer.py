@@ -73,15 +73,6 @@ def _layers(flow_cfg_kw=None):
     return stock, flow
 
 
-@pytest.fixture(scope="module")
-def megatron_gpu():
-    from tests.megatron.mcore_env import free_port, init_megatron, teardown
-
-    init_megatron(0, 1, free_port(), ep=1)
-    yield
-    teardown()
-
-
 def test_fp8flow_layer_on_gpu_matches_stock_fp32(megatron_gpu):
     from fp8flow_megatron.ops.gemm_engine import gemm_engine_for
     from tests.megatron.mcore_env import rel, run_layer

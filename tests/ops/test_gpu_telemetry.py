@@ -9,15 +9,6 @@ pytestmark = pytest.mark.gpu
 SITES = ("tokens", "combine_grad", "swiglu_out", "dswiglu_out")
 
 
-@pytest.fixture(scope="module")
-def megatron_gpu():
-    from tests.megatron.mcore_env import free_port, init_megatron, teardown
-
-    init_megatron(0, 1, free_port(), ep=1)
-    yield
-    teardown()
-
-
 def _observe(layer, x):
     from fp8flow_megatron.megatron.telemetry import attach_routing_telemetry
     from fp8flow_megatron.ops.telemetry import monitor

@@ -95,10 +95,15 @@ def test_disabled_monitor_records_nothing():
     assert m.summary() == {"underflow_frac": 0.0, "saturated_frac": 0.0, "dead_expert_frac": 0.0}
 
 
-def test_nonfinite_input_names_the_layer_and_site(monitor):
-    x = _block([1.0, float("nan")])
-    with pytest.raises(FloatingPointError, match="'dswiglu_out' of MoE layer4"):
-        monitor.observe("layer4/dswiglu_out", x, quantize_1x128(x))
+def test_nonfinite_input_is_left_to_the_guard(monitor):
+    # the non-finite guard (ops/nonfinite.py) reports it at the end of the step on every rank; raising here, inside one
+    # rank's forward/backward, would leave the other ranks waiting in a collective. The statistics count finite values.
+    x = _block([1.0, 2.0 ** -20, float("nan")])
+    monitor.observe("layer4/dswiglu_out", x, quantize_1x128(x))
+    s = monitor.summary()
+    # two finite nonzero inputs; the NaN made the block's scale 1, so 2^-20 is coded 0
+    assert s["underflow_frac/layer4/dswiglu_out"] == 0.5
+    assert s["saturated_frac/layer4/dswiglu_out"] == 0.0
 
 
 def test_reset_clears(monitor):
