@@ -310,6 +310,37 @@ def measure_times(layer, fp8, x, g, iters):
     return times, check_us
 
 
+def measure_guard_interleaved(layer, fp8, x, g, iters):
+    """The guard's cost on one layer, free of drift between runs: `iters` rounds, each one fwd+bwd with the guard on
+    and one with it off, in alternating order (on-off, off-on, ...). Returns the per-round ratios on/off, so that
+    their spread (the quartiles) shows how much of the median cost is noise. Both kernel specializations
+    (HAS_FLAG on and off) are compiled by the warm-up round."""
+    from fp8flow_megatron.ops.nonfinite import guard
+
+    def timed(enabled):
+        guard.enabled = enabled
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fwd_bwd(layer, fp8, x, g)
+        e.record()
+        torch.cuda.synchronize()
+        if enabled:
+            guard.check(1)
+        return s.elapsed_time(e)
+
+    was = guard.enabled
+    try:
+        timed(True), timed(False)  # warm-up: both specializations compiled
+        ratios = []
+        for i in range(iters):
+            order = (True, False) if i % 2 == 0 else (False, True)
+            ms = {enabled: timed(enabled) for enabled in order}
+            ratios.append(ms[True] / ms[False])
+        return ratios
+    finally:
+        guard.enabled = was
+
+
 def profile_kernels(variant, layer, fp8, x, g, iters, args, median_ms):
     """Per fwd+bwd: launches of each CUDA kernel and its GPU time (µs), averaged over `iters` profiled calls."""
     from torch.profiler import ProfilerActivity, profile
@@ -363,6 +394,10 @@ def _run_variant(variant, state, x, g, ref, args):
         fwd_bwd(layer, fp8, xv, gv)
     peak, act = measure_memory(layer, fp8, xv, gv)
     times, check_us = measure_times(layer, fp8, xv, gv, args.iters)
+    guard_ratios = (
+        measure_guard_interleaved(layer, fp8, xv, gv, args.iters)
+        if args.guard_ab and variant.startswith("fp8flow") and not variant.endswith(NOGUARD) else None
+    )
     a2a_bytes = A2A.count(fwd_bwd, layer, fp8, xv, gv)
     profiled = 1 if args.ep == 1 else PROFILED_ITERS_EP
     launches, kernel_us = profile_kernels(variant, layer, fp8, xv, gv, profiled, args, statistics.median(times))
@@ -385,6 +420,7 @@ def _run_variant(variant, state, x, g, ref, args):
         "a2a_bytes": dict(zip(A2A.PHASES, mean_bytes)),
         "nccl_kernels": nccl,
         "check_us": statistics.median(check_us) if check_us and variant.startswith("fp8flow") else None,
+        "guard_ratios": guard_ratios,
     }
 
 
@@ -474,6 +510,11 @@ def format_table(results, args) -> str:
             check = results[on]["check_us"]
             lines.append(f"- {on}: {a:.3f} ms vs {b:.3f} ms without: {100 * (a - b) / b:+.2f}%"
                          + (f"; check {check:.0f} µs per step" if check is not None else ""))
+            r = results[on].get("guard_ratios")
+            if r and len(r) >= 4:
+                q1, med, q3 = statistics.quantiles(r, n=4)
+                lines.append(f"  interleaved on the same layer ({len(r)} rounds of one call with and one without): "
+                             f"median {100 * (med - 1):+.2f}%, quartiles {100 * (q1 - 1):+.2f}% .. {100 * (q3 - 1):+.2f}%")
     if ep > 1:
         lines += ["", "NCCL kernels per fwd+bwd on rank 0 (name: launches, GPU ms; a2a ms sums the SendRecv/AllToAll ones) "
                   + "and all-to-all MB/rank by phase (dispatch / combine / backward / other):", ""]
