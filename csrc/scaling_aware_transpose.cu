@@ -69,12 +69,27 @@ __device__ __forceinline__ float pow2f(int e) {  // 2^e for -127 <= e <= 127
   return e >= -126 ? __int_as_float((e + 127) << 23) : __int_as_float(1 << (e + 149));
 }
 
+// The two ways a launch learns its splits: a SplitTable passed by value (host-known m_splits, at most
+// kMaxSplitsPerLaunch per launch) or a DeviceSplitTable whose starts are read from device memory (the sync-free path:
+// the host never sees the counts; the grid covers a worst-case number of row blocks and CTAs past the real end exit).
+__device__ __forceinline__ int row_start_of(const SplitTable& t, int i) { return t.row_start[i]; }
+__device__ __forceinline__ int block_start_of(const SplitTable& t, int i) { return t.block_start[i]; }
+__device__ __forceinline__ int first_block_of(const SplitTable& t) { return t.block_start[0]; }
+__device__ __forceinline__ int row_start_of(const DeviceSplitTable& t, int i) {
+  return static_cast<int>(__ldg(t.row_start + i));
+}
+__device__ __forceinline__ int block_start_of(const DeviceSplitTable& t, int i) {
+  return static_cast<int>(__ldg(t.block_start + i));
+}
+__device__ __forceinline__ int first_block_of(const DeviceSplitTable&) { return 0; }
+
 // The split that owns global row-block g: the last i with block_start[i] <= g (empty splits share a start).
-__device__ __forceinline__ int find_split(const SplitTable& t, int g) {
+template <typename Table>
+__device__ __forceinline__ int find_split(const Table& t, int g) {
   int lo = 0, hi = t.num_splits;
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
-    if (t.block_start[mid] <= g) lo = mid; else hi = mid;
+    if (block_start_of(t, mid) <= g) lo = mid; else hi = mid;
   }
   return lo;
 }
@@ -105,7 +120,7 @@ __device__ __forceinline__ void requant_column(const uint32_t (&words)[kRows], i
   }
 }
 
-template <bool kGemmReadyScales, bool kWordLoads>
+template <bool kGemmReadyScales, bool kWordLoads, typename Table>
 __global__ void __launch_bounds__(32 * kBlock / kRowsPerThread, kMinCtasPerSm) scaling_aware_transpose_kernel(
     // inputs
     const uint8_t* __restrict__ codes, const float* __restrict__ scale_inv,
@@ -114,7 +129,7 @@ __global__ void __launch_bounds__(32 * kBlock / kRowsPerThread, kMinCtasPerSm) s
     // sizes
     int K, int num_k_blocks, int scale_row_len,
     // splits covered by this launch
-    SplitTable table) {
+    Table table) {
   constexpr int kRows = kRowsPerThread;
   constexpr int kKBlocks = kKBlocksPerCta;
   constexpr int kWarps = kBlock / kRows;
@@ -127,14 +142,19 @@ __global__ void __launch_bounds__(32 * kBlock / kRowsPerThread, kMinCtasPerSm) s
   const int warp = threadIdx.x >> 5;
   const int num_k_groups = (num_k_blocks + kKBlocks - 1) / kKBlocks;
   const int k_group = static_cast<int>(blockIdx.x % num_k_groups);
-  const int g = table.block_start[0] + static_cast<int>(blockIdx.x / num_k_groups);  // global 128-row block
+  const int g = first_block_of(table) + static_cast<int>(blockIdx.x / num_k_groups);  // global 128-row block
+  // Past the last split's blocks: only a DeviceSplitTable's worst-case grid has such CTAs (the whole CTA leaves,
+  // before any barrier).
+  if (g >= block_start_of(table, table.num_splits)) return;
   const int split = find_split(table, g);
-  const int m = table.row_start[split + 1] - table.row_start[split];
-  const int m_blocks = table.block_start[split + 1] - table.block_start[split];
-  const int rb = g - table.block_start[split];
-  const int64_t row0 = static_cast<int64_t>(table.row_start[split]) + static_cast<int64_t>(rb) * kBlock;
+  const int split_row0 = row_start_of(table, split);
+  const int split_block0 = block_start_of(table, split);
+  const int m = row_start_of(table, split + 1) - split_row0;
+  const int m_blocks = block_start_of(table, split + 1) - split_block0;
+  const int rb = g - split_block0;
+  const int64_t row0 = static_cast<int64_t>(split_row0) + static_cast<int64_t>(rb) * kBlock;
   const int rows_here = min(kBlock, m - rb * kBlock);
-  uint8_t* out_split = out_codes + static_cast<int64_t>(K) * table.row_start[split];
+  uint8_t* out_split = out_codes + static_cast<int64_t>(K) * split_row0;
   const bool aligned16 = (m % 16 == 0) && ((reinterpret_cast<uintptr_t>(out_split) & 15) == 0);
   const int kb_first = k_group * kKBlocks;
   const int kb_end = min(num_k_blocks, kb_first + kKBlocks);
@@ -222,10 +242,10 @@ __global__ void __launch_bounds__(32 * kBlock / kRowsPerThread, kMinCtasPerSm) s
 #pragma unroll
       for (int j = 0; j < 4; ++j) sinv[j] = c_lane + j < K ? pow2f(-scale_exp[j]) : 0.0f;
       if (kGemmReadyScales) {
-        float* dst = out_scale_inv + static_cast<int64_t>(scale_row_len) * (table.block_start[split] + rb) + c_lane;
+        float* dst = out_scale_inv + static_cast<int64_t>(scale_row_len) * (split_block0 + rb) + c_lane;
         *reinterpret_cast<float4*>(dst) = make_float4(sinv[0], sinv[1], sinv[2], sinv[3]);
       } else {
-        float* dst = out_scale_inv + static_cast<int64_t>(K) * table.block_start[split] + rb;
+        float* dst = out_scale_inv + static_cast<int64_t>(K) * split_block0 + rb;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           if (c_lane + j < K) dst[static_cast<int64_t>(c_lane + j) * m_blocks] = sinv[j];
@@ -285,10 +305,11 @@ __global__ void __launch_bounds__(32 * kBlock / kRowsPerThread, kMinCtasPerSm) s
 
 }  // namespace
 
-cudaError_t launch_scaling_aware_transpose(const uint8_t* codes, const float* scale_inv, int K, uint8_t* out_codes,
-                                           float* out_scale_inv, bool gemm_ready_scales, const SplitTable& table,
-                                           cudaStream_t stream) {
-  const int num_blocks = table.block_start[table.num_splits] - table.block_start[0];
+namespace {
+
+template <typename Table>
+cudaError_t launch(const uint8_t* codes, const float* scale_inv, int K, uint8_t* out_codes, float* out_scale_inv,
+                   bool gemm_ready_scales, const Table& table, int num_blocks, cudaStream_t stream) {
   const int num_k_blocks = (K + kBlock - 1) / kBlock;
   if (num_blocks == 0 || num_k_blocks == 0) return cudaSuccess;
   const int num_k_groups = (num_k_blocks + kKBlocksPerCta - 1) / kKBlocksPerCta;
@@ -296,7 +317,7 @@ cudaError_t launch_scaling_aware_transpose(const uint8_t* codes, const float* sc
   const int scale_row_len = (K + 3) / 4 * 4;
   const bool word_loads = (K % 4 == 0) && ((reinterpret_cast<uintptr_t>(codes) & 3) == 0);
 #define FP8FLOW_LAUNCH(GEMM_READY, WORD_LOADS)                                                           \
-  scaling_aware_transpose_kernel<GEMM_READY, WORD_LOADS><<<grid, kThreads, 0, stream>>>(               \
+  scaling_aware_transpose_kernel<GEMM_READY, WORD_LOADS, Table><<<grid, kThreads, 0, stream>>>(        \
       codes, scale_inv, out_codes, out_scale_inv, K, num_k_blocks, scale_row_len, table)
   if (gemm_ready_scales) {
     if (word_loads) FP8FLOW_LAUNCH(true, true); else FP8FLOW_LAUNCH(true, false);
@@ -305,6 +326,23 @@ cudaError_t launch_scaling_aware_transpose(const uint8_t* codes, const float* sc
   }
 #undef FP8FLOW_LAUNCH
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_scaling_aware_transpose(const uint8_t* codes, const float* scale_inv, int K, uint8_t* out_codes,
+                                           float* out_scale_inv, bool gemm_ready_scales, const SplitTable& table,
+                                           cudaStream_t stream) {
+  const int num_blocks = table.block_start[table.num_splits] - table.block_start[0];
+  return launch(codes, scale_inv, K, out_codes, out_scale_inv, gemm_ready_scales, table, num_blocks, stream);
+}
+
+cudaError_t launch_scaling_aware_transpose_device(const uint8_t* codes, const float* scale_inv, int K,
+                                                  uint8_t* out_codes, float* out_scale_inv, bool gemm_ready_scales,
+                                                  const DeviceSplitTable& table, int max_blocks,
+                                                  cudaStream_t stream) {
+  if (table.num_splits == 0) return cudaSuccess;
+  return launch(codes, scale_inv, K, out_codes, out_scale_inv, gemm_ready_scales, table, max_blocks, stream);
 }
 
 }  // namespace fp8flow

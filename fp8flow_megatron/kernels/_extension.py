@@ -14,6 +14,7 @@ SOURCES = ("extension.cpp", "scaling_aware_transpose.cu")
 # No fast-math: the transpose relies on fp32 subnormals (2^-136 is a valid dequantized value) and IEEE division.
 NVCC_FLAGS = ["-O3", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "-lineinfo"]
 CXX_FLAGS = ["-O3"]
+FUNCTIONS = ("scaling_aware_transpose", "scaling_aware_transpose_grouped")  # what the current csrc/ binds
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,7 +23,9 @@ def cuda_extension():
     try:
         from fp8flow_megatron import _fp8flow_cuda  # built by setup.py
 
-        return _fp8flow_cuda
+        if all(hasattr(_fp8flow_cuda, f) for f in FUNCTIONS):
+            return _fp8flow_cuda
+        # built from older sources (before a function was added): JIT-build the current ones instead
     except ImportError:
         pass
     import torch

@@ -12,20 +12,29 @@ the twin's dequantize -> fp32 matmul up to fp32 summation order. Output is round
 fp8_grouped_gemm_nt_triton  out[M, N] = A[M, K] (1x128 per row) . B[e][N, K]^T (128x128), rows grouped by expert
                             (fprop: A = x, B = W; dgrad: A = dy, B = W^T as an exact 128x128 block transpose)
 fp8_grouped_wgrad_triton    dw[e][N, K] = T(g_e) . T(x_e)^T over expert e's rows, T the scaling-aware transpose
+fp8_varlen_gemm_nt_triton, fp8_varlen_wgrad_triton
+                            the same with the row groups read from device memory (numerics.groups.RowGroups: offsets
+                            and 128-row tile starts computed on the device, and a tile -> group table built there by
+                            one searchsorted): worst-case grids, every program reads its expert and rows from device
+                            memory, tail rows past the last group are written as zeros by the GEMM and never read by
+                            the wgrad.
+                            No host read, no sync: the sync-free MoE layer's engine (twins: numerics.gemm.fp8_varlen_*).
+The host-split functions build a RowGroups from their m_splits (one small pinned copy) and run the same kernels.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 
-from ..numerics.format import BLOCK, ROWWISE_1X128, Fp8Blockwise, ceil_div, host_to_device
+from ..numerics.format import BLOCK, ROWWISE_1X128, Fp8Blockwise, ceil_div
 from ..numerics.gemm import Fp8BlockwiseStack, check_wgrad_out
+from ..numerics.groups import RowGroups
+from ._tables import cached_int64_table
 from ._triton import HAVE_TRITON, jit, require_cuda, require_triton, tl, triton
 
-TILE_M = 128  # rows per program in the varlen-M kernel; the host-built tile map depends on it, so it is not tuned
+TILE_M = 128  # rows per program along M: RowGroups.tiles count 128-row tiles (= the transposes' blocks), not tuned
 
 
 def _configs(block_names):
@@ -46,16 +55,24 @@ def _autotune(configs, key):
 @_autotune(_configs(["BLOCK_N"]), key=["N", "K"])
 @jit
 def _grouped_gemm_nt_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, tiles_ptr, num_tiles,
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
     N, K, num_kb, num_nb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # grid (N tiles, M tiles): consecutive programs share one A tile (L2), and one expert's B stays hot across its tiles
+    # grid (N tiles, max_tiles): consecutive programs share one A tile (L2), and one expert's B stays hot across its
+    # tiles. M tile pid_m < tiles[E] is tile pid_m - tiles[e] of group e = tile_groups[pid_m] (all read from device
+    # memory); the programs after them write the tail rows offsets[E] .. num_rows - 1 as zeros (no K loop), the rest
+    # of the worst-case grid stores nothing.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    expert = tl.load(tiles_ptr + pid_m).to(tl.int64)
-    row0 = tl.load(tiles_ptr + num_tiles + pid_m).to(tl.int64)
-    row_end = tl.load(tiles_ptr + 2 * num_tiles + pid_m).to(tl.int64)
+    real_tiles = tl.load(tiles_ptr + num_groups)
+    in_group = pid_m < real_tiles
+    expert = tl.load(tile_groups_ptr + pid_m).to(tl.int64)
+    group_row0 = tl.load(offsets_ptr + expert) + (pid_m - tl.load(tiles_ptr + expert)) * BLOCK_M
+    tail_row0 = tl.load(offsets_ptr + num_groups) + (pid_m - real_tiles) * BLOCK_M
+    row0 = tl.where(in_group, group_row0, tail_row0).to(tl.int64)
+    row_end = tl.where(in_group, tl.load(offsets_ptr + expert + 1), num_rows).to(tl.int64)
+    k_blocks = tl.where(in_group, num_kb, 0)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,7 +83,7 @@ def _grouped_gemm_nt_kernel(
     sa_rows = a_scale_ptr + offs_m * num_kb
     sb_rows = b_scale_ptr + expert * num_nb * num_kb + (offs_n // BLOCK_K) * num_kb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, num_kb):
+    for kb in range(0, k_blocks):
         k = kb * BLOCK_K + offs_k
         mask_k = k < K
         a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -80,26 +97,27 @@ def _grouped_gemm_nt_kernel(
 
 @jit
 def _grouped_wgrad_body(
-    g_ptr, g_scale_ptr, x_ptr, x_scale_ptr, c_ptr, out_ptrs, splits_ptr, num_experts,
+    g_ptr, g_scale_ptr, x_ptr, x_scale_ptr, c_ptr, out_ptrs, offsets_ptr, tiles_ptr,
     N, K,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_ALIGNED_16: tl.constexpr,
     OUT_TABLE: tl.constexpr, OUT_ALIGNED_16: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     # g_ptr / x_ptr: the scaling-aware transposes in the compact layout -- split e is [N, m_e] (resp. [K, m_e]) at
-    # row offset row_start_e, its scales [N, ceil(m_e/128)] at block offset block_start_e.
+    # row offset offsets[e], its scales [N, ceil(m_e/128)] at block offset tiles[e] (both read from device memory).
     # Output: OUT_TABLE False -- c_ptr is one contiguous [E, N, K] tensor (out_ptrs unused); OUT_TABLE True -- out_ptrs
     # is an int64 [E] table of the addresses of E contiguous [N, K] tensors of c_ptr's dtype (c_ptr is the first).
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     expert = tl.program_id(2)
-    m0 = tl.load(splits_ptr + expert).to(tl.int64)
-    me = tl.load(splits_ptr + num_experts + expert).to(tl.int64)
+    m0 = tl.load(offsets_ptr + expert).to(tl.int64)
+    me = tl.load(offsets_ptr + expert + 1).to(tl.int64) - m0
     if ROWS_ALIGNED_16:
         # The row length m_e is read from memory, so Triton cannot know it; without this hint every FP8 row load is
-        # split into single bytes (measured 4x slower). The dispatcher pads every expert to 16 rows.
+        # split into single bytes (measured 4x slower). The dispatcher pads every expert to 16 rows (the caller's
+        # RowGroups.align says so; the offsets are then multiples of 16 too).
         m0 = tl.multiple_of(m0, 16)
         me = tl.multiple_of(me, 16)
-    blk0 = tl.load(splits_ptr + 2 * num_experts + expert).to(tl.int64)
+    blk0 = tl.load(tiles_ptr + expert).to(tl.int64)
     nb = (me + BLOCK_M - 1) // BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -142,15 +160,38 @@ _grouped_wgrad_kernel = _autotune(_configs(["BLOCK_N"]), key=["N", "K", "ROWS_AL
 _WGRAD_OUT_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 
 
-def _to_device_int32(rows: np.ndarray, device) -> torch.Tensor:
-    """Host int32 table -> device without a stream sync."""
-    return host_to_device(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int32)), device)
-
-
 def _stack(b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]]) -> Fp8BlockwiseStack:
     if isinstance(b, Fp8BlockwiseStack):
         return b
     return Fp8BlockwiseStack(torch.stack([w.data for w in b]), torch.stack([w.scale_inv for w in b]))
+
+
+def _gemm(a: Fp8Blockwise, w: Fp8BlockwiseStack, groups: RowGroups, out_dtype: torch.dtype) -> torch.Tensor:
+    m_total, k = a.data.shape
+    num_experts, n, _ = w.data.shape
+    out = torch.empty(m_total, n, dtype=out_dtype, device=a.data.device)
+    if m_total == 0 or n == 0:
+        return out
+    if num_experts == 0:
+        return out.zero_()
+    kb, nb = ceil_div(k, BLOCK), ceil_div(n, BLOCK)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), groups.max_tiles)
+
+    _grouped_gemm_nt_kernel[grid](
+        a.data.contiguous(), a.scale_inv.contiguous(), w.data, w.scale_inv, out, groups.offsets, groups.tiles,
+        groups.tile_groups, num_experts, m_total, n, k, kb, nb,
+        BLOCK_M=TILE_M, BLOCK_K=BLOCK,
+    )  # fmt: skip
+    return out
+
+
+def _check_gemm(a: Fp8Blockwise, op: str) -> None:
+    require_triton(op)
+    require_cuda(op, a.data)
+    if tuple(a.block) != ROWWISE_1X128:
+        raise ValueError(f"{op}: a must be 1x128 row-wise, got block {a.block}")
 
 
 def fp8_grouped_gemm_nt_triton(
@@ -163,39 +204,96 @@ def fp8_grouped_gemm_nt_triton(
 
     a:        Fp8Blockwise [M, K], block (1, 128), rows grouped by expert (compact scale_inv [M, ceil(K/128)]).
     b:        E weights [N, K] 128x128 (an Fp8BlockwiseStack, or a list that is stacked here).
-    m_splits: E row counts summing to M (zeros allowed).
+    m_splits: E row counts summing to M (zeros allowed), on the host; they reach the kernel as a RowGroups (one small
+              pinned non-blocking copy). fp8_varlen_gemm_nt_triton takes the groups on the device instead.
     Returns [M, N] in out_dtype.
     """
-    require_triton("fp8_grouped_gemm_nt_triton")
-    require_cuda("fp8_grouped_gemm_nt_triton", a.data)
-    if tuple(a.block) != ROWWISE_1X128:
-        raise ValueError(f"fp8_grouped_gemm_nt_triton: a must be 1x128 row-wise, got block {a.block}")
+    _check_gemm(a, "fp8_grouped_gemm_nt_triton")
     w = _stack(b)
     splits = [int(s) for s in m_splits]
     m_total, k = a.data.shape
     num_experts, n, k_w = w.data.shape
-    if len(splits) != num_experts or sum(splits) != m_total or k_w != k:
+    if len(splits) != num_experts or sum(splits) != m_total or k_w != k or any(s < 0 for s in splits):
         raise ValueError(f"fp8_grouped_gemm_nt_triton: m_splits {splits} / weights {tuple(w.data.shape)} do not fit a {tuple(a.data.shape)}")
-    out = torch.empty(m_total, n, dtype=out_dtype, device=a.data.device)
     if m_total == 0 or n == 0:
-        return out
-    m = np.asarray(splits, dtype=np.int64)
-    starts = np.cumsum(m) - m
-    tiles_per_expert = -(-m // TILE_M)
-    expert = np.repeat(np.arange(num_experts), tiles_per_expert)
-    first_tile = np.repeat(np.cumsum(tiles_per_expert) - tiles_per_expert, tiles_per_expert)
-    row0 = starts[expert] + (np.arange(expert.size) - first_tile) * TILE_M
-    row_end = starts[expert] + m[expert]
-    tiles = _to_device_int32(np.stack([expert, row0, row_end]), a.data.device)
-    num_tiles = int(expert.size)
-    kb, nb = ceil_div(k, BLOCK), ceil_div(n, BLOCK)
+        return torch.empty(m_total, n, dtype=out_dtype, device=a.data.device)
+    return _gemm(a, w, RowGroups.from_splits(splits, a.data.device), out_dtype)
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), num_tiles)
 
-    _grouped_gemm_nt_kernel[grid](
-        a.data.contiguous(), a.scale_inv.contiguous(), w.data, w.scale_inv, out, tiles, num_tiles, n, k, kb, nb,
-        BLOCK_M=TILE_M, BLOCK_K=BLOCK,
+def fp8_varlen_gemm_nt_triton(
+    a: Fp8Blockwise,
+    b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]],
+    groups: RowGroups,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Twin of numerics.gemm.fp8_varlen_gemm_nt: the grouped GEMM with the row groups read from device memory, one
+    launch over a worst-case grid (groups.max_tiles M tiles); nothing is read on the host, no sync.
+
+    a:      Fp8Blockwise [num_rows, K] (1x128), group e at rows groups.offsets[e] .. offsets[e + 1].
+    b:      E weights [N, K] 128x128 (an Fp8BlockwiseStack, or a list that is stacked here).
+    groups: numerics.groups.RowGroups on a's device, E groups, num_rows == a's rows (sum of counts <= num_rows,
+            not checked on the device).
+    Returns [num_rows, N] in out_dtype; rows offsets[E] .. num_rows - 1 (the tail) are written as zeros.
+    """
+    op = "fp8_varlen_gemm_nt_triton"
+    _check_gemm(a, op)
+    require_cuda(op, groups.offsets)
+    w = _stack(b)
+    m_total, k = a.data.shape
+    num_experts, _, k_w = w.data.shape
+    if groups.num_groups != num_experts or groups.num_rows != m_total or k_w != k:
+        raise ValueError(
+            f"{op}: {groups.num_groups} row groups over {groups.num_rows} rows / weights {tuple(w.data.shape)} do not "
+            f"fit a {tuple(a.data.shape)}"
+        )
+    return _gemm(a, w, groups, out_dtype)
+
+
+def _wgrad(g_q: Fp8Blockwise, x_q: Fp8Blockwise, groups: RowGroups, out_dtype, out, accumulate, op: str):
+    from .transpose import scaling_aware_transpose_buffers_grouped
+
+    n, k = g_q.data.shape[1], x_q.data.shape[1]
+    num_experts = groups.num_groups
+    if out is None:
+        if accumulate:
+            raise ValueError(f"{op}: accumulate=True needs out= (the buffers to add the gradients into)")
+        result = torch.empty(num_experts, n, k, dtype=out_dtype, device=g_q.data.device)
+    else:
+        check_wgrad_out(out, num_experts, n, k, out_dtype, g_q.data.device, op)
+        result = out
+    if num_experts == 0 or n == 0 or k == 0:
+        return result
+    if g_q.data.shape[0] == 0:  # no rows at all: every expert is empty
+        if out is None:
+            result.zero_()
+        elif not accumulate:
+            for o in out:
+                o.zero_()
+        return result
+    g_codes, g_scales, _ = scaling_aware_transpose_buffers_grouped(g_q, groups, "compact")
+    x_codes, x_scales, _ = scaling_aware_transpose_buffers_grouped(x_q, groups, "compact")
+    args = (g_codes.view(g_q.data.dtype), g_scales, x_codes.view(x_q.data.dtype), x_scales)
+    rows_aligned = groups.align % 16 == 0
+
+    if out is None:
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
+
+        _grouped_wgrad_kernel[grid](
+            *args, result, result, groups.offsets, groups.tiles, n, k,
+            BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
+            OUT_TABLE=False, OUT_ALIGNED_16=False, ACCUMULATE=False,
+        )  # fmt: skip
+        return result
+    addresses = [o.data_ptr() for o in out]
+    out_ptrs = cached_int64_table(addresses, g_q.data.device)  # main_grad addresses: made once, reused
+    grid = (triton.cdiv(n, _WGRAD_OUT_CONFIG["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
+    _grouped_wgrad_body[grid](
+        *args, out[0], out_ptrs, groups.offsets, groups.tiles, n, k,
+        BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
+        OUT_TABLE=True, OUT_ALIGNED_16=all(a % 16 == 0 for a in addresses), ACCUMULATE=bool(accumulate),
+        **_WGRAD_OUT_CONFIG,
     )  # fmt: skip
     return out
 
@@ -209,57 +307,46 @@ def fp8_grouped_wgrad_triton(
     accumulate: bool = False,
 ):
     """Twin of numerics.fp8_grouped_wgrad: weight gradients from row-wise g_q [M, N] and x_q [M, K] (1x128), via two
-    scaling-aware transposes (one launch each, all experts) and one grouped GEMM launch.
+    scaling-aware transposes (one launch each, all experts) and one grouped GEMM launch. m_splits: host row counts
+    summing to M (they reach the kernels as a RowGroups: one small pinned non-blocking copy);
+    fp8_varlen_wgrad_triton takes the groups on the device instead.
 
     out=None: returns [E, N, K] in out_dtype (an empty expert's gradient is zero).
     out:      E contiguous CUDA [N, K] tensors of out_dtype at any addresses (megatron's per-expert fp32 main_grad);
-              expert e's gradient is written into out[e] through a device table of their addresses (pinned
-              non-blocking copy, no stream sync), still one launch. accumulate=True: out[e] = out_dtype(fp32(out[e])
-              + dw[e]), an empty expert's out[e] untouched; accumulate=False: overwritten, an empty expert's zeroed.
-              Returns `out`.
+              expert e's gradient is written into out[e] through a device table of their addresses (made once per
+              set of addresses and reused, no stream sync), still one launch. accumulate=True: out[e] =
+              out_dtype(fp32(out[e]) + dw[e]), an empty expert's out[e] untouched; accumulate=False: overwritten, an
+              empty expert's zeroed. Returns `out`.
     """
-    from .transpose import scaling_aware_transpose_buffers
-
     op = "fp8_grouped_wgrad_triton"
     require_triton(op)
     require_cuda(op, g_q.data, x_q.data)
-    n, k = g_q.data.shape[1], x_q.data.shape[1]
-    num_experts = len(m_splits)
-    if out is None:
-        if accumulate:
-            raise ValueError(f"{op}: accumulate=True needs out= (the buffers to add the gradients into)")
-        result = torch.empty(num_experts, n, k, dtype=out_dtype, device=g_q.data.device)
-    else:
-        check_wgrad_out(out, num_experts, n, k, out_dtype, g_q.data.device, op)
-        result = out
-    if num_experts == 0 or n == 0 or k == 0:
-        return result
-    g_codes, g_scales, splits, blocks, _ = scaling_aware_transpose_buffers(g_q, m_splits, "compact")
-    x_codes, x_scales, _, _, _ = scaling_aware_transpose_buffers(x_q, m_splits, "compact")
-    m = np.asarray(splits, dtype=np.int64)
-    blk = np.asarray(blocks, dtype=np.int64)
-    table = _to_device_int32(np.stack([np.cumsum(m) - m, m, np.cumsum(blk) - blk]), g_q.data.device)
-    args = (g_codes.view(g_q.data.dtype), g_scales, x_codes.view(x_q.data.dtype), x_scales)
-    rows_aligned = all(s % 16 == 0 for s in splits)
+    splits = [int(s) for s in m_splits]
+    m_total = g_q.data.shape[0]
+    if any(s < 0 for s in splits) or sum(splits) != m_total or x_q.data.shape[0] != m_total:
+        raise ValueError(f"m_splits must be non-negative and sum to M={m_total}, got {splits}")
+    groups = RowGroups.from_splits(splits, g_q.data.device)
+    return _wgrad(g_q, x_q, groups, out_dtype, out, accumulate, op)
 
-    if out is None:
 
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
-
-        _grouped_wgrad_kernel[grid](
-            *args, result, result, table, num_experts, n, k,
-            BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
-            OUT_TABLE=False, OUT_ALIGNED_16=False, ACCUMULATE=False,
-        )  # fmt: skip
-        return result
-    addresses = [o.data_ptr() for o in out]
-    out_ptrs = host_to_device(torch.tensor(addresses, dtype=torch.int64), g_q.data.device)
-    grid = (triton.cdiv(n, _WGRAD_OUT_CONFIG["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
-    _grouped_wgrad_body[grid](
-        *args, out[0], out_ptrs, table, num_experts, n, k,
-        BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
-        OUT_TABLE=True, OUT_ALIGNED_16=all(a % 16 == 0 for a in addresses), ACCUMULATE=bool(accumulate),
-        **_WGRAD_OUT_CONFIG,
-    )  # fmt: skip
-    return out
+def fp8_varlen_wgrad_triton(
+    g_q: Fp8Blockwise,
+    x_q: Fp8Blockwise,
+    groups: RowGroups,
+    out_dtype: torch.dtype = torch.float32,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    accumulate: bool = False,
+):
+    """Twin of numerics.gemm.fp8_varlen_wgrad: fp8_grouped_wgrad_triton with the row groups read from device memory
+    (g_q [num_rows, N], x_q [num_rows, K], group e at rows groups.offsets[e] .. offsets[e + 1]; the tail rows are
+    never read). Both transposes and the GEMM launch worst-case grids; nothing is read on the host, no sync.
+    groups.align % 16 == 0 selects the aligned-rows fast path (the caller guarantees every count is a multiple of
+    16). out / accumulate and the result as fp8_grouped_wgrad_triton's."""
+    op = "fp8_varlen_wgrad_triton"
+    require_triton(op)
+    require_cuda(op, g_q.data, x_q.data, groups.offsets)
+    if g_q.data.shape[0] != groups.num_rows or x_q.data.shape[0] != groups.num_rows:
+        raise ValueError(
+            f"{op}: g_q has {g_q.data.shape[0]} rows and x_q {x_q.data.shape[0]}, the row groups describe {groups.num_rows}"
+        )
+    return _wgrad(g_q, x_q, groups, out_dtype, out, accumulate, op)

@@ -93,3 +93,34 @@ def scaling_aware_transpose_buffers(q: Fp8Blockwise, m_splits: Optional[Sequence
             out_codes, out_scale_inv,
         )  # fmt: skip
     return out_codes, out_scale_inv, splits, blocks, scale_row_len
+
+
+def scaling_aware_transpose_buffers_grouped(q: Fp8Blockwise, groups, scale_layout: str = "compact"):
+    """scaling_aware_transpose_buffers with the splits read from device memory (the sync-free path): the groups of
+    a numerics.groups.RowGroups over q's rows, one launch over a worst-case grid; nothing is read on the host.
+
+    Returns (codes uint8 [num_rows * K]: group e is [K, m_e] row-major at offset K * offsets[e];
+             scale_inv fp32 [max_tiles * R]: group e is [K, ceil(m_e/128)] (compact) at offset K * tiles[e], or
+             [ceil(m_e/128), R] (gemm_ready, R = pad4(K)) at offset R * tiles[e]; R).
+    Each group's result is bit-identical to scaling_aware_transpose_buffers' for the same rows. The entries past the
+    groups (the tail rows' codes, the blocks past tiles[E]) are left unwritten.
+    """
+    if tuple(q.block) != ROWWISE_1X128:
+        raise ValueError(f"scaling_aware_transpose needs a 1x128 row-wise tensor, got block {q.block}")
+    if scale_layout not in SCALE_LAYOUTS:
+        raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
+    require_cuda("scaling_aware_transpose_buffers_grouped", q.data, groups.offsets)
+    m_total, k = q.data.shape
+    if m_total != groups.num_rows:
+        raise ValueError(f"scaling_aware_transpose_buffers_grouped: q has {m_total} rows, the groups {groups.num_rows}")
+    gemm_ready = scale_layout == "gemm_ready"
+    scale_row_len = ceil_div(k, 4) * 4 if gemm_ready else k
+    device = q.data.device
+    out_codes = torch.empty(m_total * k, dtype=torch.uint8, device=device)
+    out_scale_inv = torch.empty(groups.max_tiles * scale_row_len, dtype=torch.float32, device=device)
+    if m_total > 0 and k > 0 and groups.num_groups > 0:
+        cuda_extension().scaling_aware_transpose_grouped(
+            q.data.contiguous().view(torch.uint8), q.scale_inv.contiguous(), groups.offsets, groups.tiles,
+            groups.max_tiles, gemm_ready, out_codes, out_scale_inv,
+        )  # fmt: skip
+    return out_codes, out_scale_inv, scale_row_len

@@ -23,7 +23,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, ceil_div, check_nonfinite_flag, host_to_device
+from ..numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, ceil_div, check_nonfinite_flag
+from ._tables import cached_int64_table
 from ..numerics.gemm import Fp8BlockwiseStack, check_weight_stack
 from ._triton import jit, require_cuda, require_triton, tl
 from .quantize import flag_arg, quantize_1x128_rows, raise_nonfinite_flag
@@ -106,8 +107,8 @@ def quantize_weight_stack_triton(
         stack:   data [E, N, K] e4m3 row-major, scale_inv [E, ceil(N/128), ceil(K/128)] fp32 (fprop's B operand);
         stack_t: data [E, K, N] e4m3, scale_inv [E, ceil(K/128), ceil(N/128)] (dgrad's B operand), the exact
                  128x128 block transpose of stack.
-    Host work: one pass over the weights (checks, addresses) and one pinned non-blocking copy of the E addresses;
-    the stream is never synchronized.
+    Host work: one pass over the weights (checks, addresses); the device table of the E addresses is copied once per
+    set of addresses (pinned, non-blocking) and reused after that. The stream is never synchronized.
     """
     op = "quantize_weight_stack_triton"
     num_experts, n, k = check_weight_stack(weights, op)
@@ -130,7 +131,7 @@ def quantize_weight_stack_triton(
     if n > 0:
         require_triton(op)
         addresses = [w.data_ptr() for w in weights]
-        table = host_to_device(torch.tensor(addresses, dtype=torch.int64), device)
+        table = cached_int64_table(addresses, device)  # made once per set of weight addresses, then reused
         _quantize_weight_stack_kernel[(nbn * nbk, num_experts)](
             table, weights[0], data, data_t.view(torch.uint8), scale_inv, scale_inv_t,
             flag_arg(nonfinite_flag, scale_inv), n, k, nbn, nbk,

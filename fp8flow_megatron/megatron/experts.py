@@ -18,6 +18,7 @@ from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
+from ..numerics.groups import RowGroups
 from ..ops.experts import WeightQuantCache, fp8_flow_experts
 from ..ops.gemm_engine import resolve_gemm_engine
 from .config import FP8FlowConfig
@@ -45,7 +46,9 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             pg_collection = get_default_pg_collection()
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         self.expert_recompute = bool(getattr(config, "moe_expert_recompute", False))
-        requested = FP8FlowConfig.from_source(config).gemm
+        flow_cfg = FP8FlowConfig.from_source(config)
+        self.align = flow_cfg.align  # the dispatcher pads every expert's rows to a multiple of this
+        requested = flow_cfg.gemm
         self.gemm_engine = resolve_gemm_engine(requested, num_local_experts)
         if requested != self.gemm_engine:
             log.info("fp8flow: --moe-fp8-flow-gemm %s -> %s for %d local experts", requested, self.gemm_engine, num_local_experts)
@@ -68,11 +71,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self.is_first_microbatch = False
         if refresh:
             _wait_for_param_gather(self.linear_fc1, self.linear_fc2)
-        m_splits = [int(n) for n in tokens_per_expert.tolist()]
         output = fp8_flow_experts(
             permuted_local_hidden_states,
             permuted_probs,
-            m_splits,
+            self._rows(tokens_per_expert, permuted_local_hidden_states),
             self._weights(self.linear_fc1),
             self._weights(self.linear_fc2),
             recompute=self.expert_recompute,
@@ -83,6 +85,21 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             telemetry_site_prefix=self.telemetry_prefix,
         )
         return output, None
+
+
+    def _rows(self, tokens_per_expert: torch.Tensor, x: Fp8FlowTensor):
+        """The experts' row groups for the GEMM engine.
+
+        triton: a RowGroups on x's device. From the sync-free EP=1 dispatcher, tokens_per_expert is a device tensor
+        (padded counts over a worst-case buffer of x's rows) and the offsets are computed on the device: nothing is
+        read on the host. From host counts (EP > 1, or the TE-sized layout), one small pinned copy.
+        te: host m_splits, as TE's API needs them (a device -> host read if the counts are on the device).
+        """
+        if self.gemm_engine == "triton":
+            if tokens_per_expert.is_cuda:
+                return RowGroups.from_counts(tokens_per_expert, x.shape[0], self.align)
+            return RowGroups.from_splits(tokens_per_expert.tolist(), x.device, x.shape[0])  # host counts: no sync
+        return [int(n) for n in tokens_per_expert.tolist()]
 
 
 def _requantize_after_load(module, incompatible_keys) -> None:

@@ -1,7 +1,8 @@
 """FP8FlowMoELayer: megatron's MoELayer with the FP8-Flow dispatcher swapped in when config.moe_fp8_flow is set.
 
 MoELayer picks its dispatcher from a hard-coded if/elif, so the subclass builds the stock layer and then replaces
-`token_dispatcher`. With the flag off it is exactly MoELayer.
+`token_dispatcher` (sync-free at EP=1 when the experts run the Triton GEMM engine). With the flag off it is exactly
+MoELayer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class FP8FlowMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+            # The Triton GEMM engine takes the expert counts on the device, so at EP=1 the dispatcher never reads
+            # them on the host (sync-free); TE's grouped GEMM needs host m_splits, so with it the counts are read once.
+            self.token_dispatcher.sync_free = getattr(self.experts, "gemm_engine", None) == "triton"
         self._tag_telemetry_sites()
 
     def set_layer_number(self, layer_number: int) -> None:

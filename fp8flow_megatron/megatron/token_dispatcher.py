@@ -6,11 +6,19 @@ recompute and the A2A-overlap scheduler drive it unchanged. What it changes:
 
   dispatch_preprocess  quantize 1x128 (cast #1) -> permute codes + scales + probs. With EP=1 the permute writes the
                        final padded expert-major layout directly (permute + pad in one pass).
+                       Sync-free at EP=1 (`sync_free`, set by FP8FlowMoELayer when the experts run the Triton GEMM
+                       engine): no device -> host read at all. The row maps are built on the device into a buffer of
+                       tokens * topk + experts * (align - 1) rows (the worst case), the padded counts stay a device
+                       tensor, megatron's D2H staging and its sync point are skipped; rows past the last expert's
+                       padded end (the tail) are zero padding rows that nothing downstream reads as data (the expert
+                       GEMMs return them as zeros, the combine never reads them). Otherwise the counts are read on
+                       the host once and the buffer is exactly sized (the TE engine needs host m_splits anyway).
   token_dispatch       all-to-all of FP8 codes (1 byte/element), and one of fp32 scales (4 bytes per 128 elements) +
                        probs packed row by row: two rendezvous of the EP ranks, as stock megatron, not three.
   dispatch_postprocess chunk sort [rank][expert] -> [expert][rank] fused with padding each local expert to a multiple
                        of 16 rows (the blockwise GEMM alignment). The experts get an Fp8FlowTensor, padded
-                       tokens_per_expert (host int64) and padded probs (0 on padding rows).
+                       tokens_per_expert (host int64; a device int64 tensor on the sync-free path) and padded probs
+                       (0 on padding rows).
   combine_*            BF16 forward (unpad + unsort, all-to-all, unpermute-sum); in backward the combine gradient is
                        quantized once (cast #2) and moves as FP8 all the way to the experts.
 """
@@ -23,7 +31,8 @@ import torch
 
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from ..numerics.permute import chunk_sort_pad_maps, routing_rows
+from ..numerics.groups import max_padded_rows
+from ..numerics.permute import chunk_sort_pad_maps, routing_rows, routing_rows_static
 from ..ops import dispatch as ops
 from .config import GEMM_ALIGN
 
@@ -45,11 +54,18 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
             raise ValueError("FP8FlowTokenDispatcher is dropless; remove --moe-pad-expert-input-to-capacity")
         self.align = align
         self.telemetry_prefix = ""  # "layer{N}/": FP8FlowMoELayer sets it so FP8 health is reported per layer
+        # EP=1 without any device -> host read (device row maps over a worst-case buffer, device counts): set by
+        # FP8FlowMoELayer when its experts run the Triton engine, which takes the counts on the device.
+        self.sync_free = False
 
     @property
     def _direct(self) -> bool:
         """EP=1: permute straight into the padded expert layout; no all-to-all, no chunk sort."""
         return self.ep_size == 1
+
+    @property
+    def _sync_free(self) -> bool:
+        return self.sync_free and self._direct
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         self.hidden_shape = hidden_states.shape
@@ -60,11 +76,18 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.tokens_per_expert = self.preprocess(routing_map)
         if self.shared_experts is not None:
             self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
-        # Padding sizes and row maps need the counts on the host now (stock syncs before permutation 2 at the latest).
-        self.cuda_sync_point = self.cuda_dtoh_point
-        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(self.cuda_dtoh_point, self.tokens_per_expert)
-
-        src_rows, prob_src, dst_rows, padded = routing_rows(routing_map, self.align if self._direct else 1)
+        if self._sync_free:
+            # Nothing goes to the host: megatron's D2H staging and its sync point are skipped (at EP=1 only
+            # tokens_per_expert would be staged, and it is not needed there). At most topk experts per token (megatron's
+            # routers), so tokens * topk + experts * (align - 1) rows hold every padded layout.
+            num_rows = max_padded_rows(routing_map.shape[0] * self.config.moe_router_topk, routing_map.shape[1], self.align)
+            src_rows, prob_src, dst_rows, padded = routing_rows_static(routing_map, self.align, num_rows)
+        else:
+            # Padding sizes and row maps need the counts on the host now (stock syncs before permutation 2 at the
+            # latest).
+            self.cuda_sync_point = self.cuda_dtoh_point
+            self.tokens_per_expert = self._maybe_dtoh_and_synchronize(self.cuda_dtoh_point, self.tokens_per_expert)
+            src_rows, prob_src, dst_rows, padded = routing_rows(routing_map, self.align if self._direct else 1)
         self._src1, self._dst1 = src_rows, dst_rows
         self._padded_counts = padded
         self.hidden_shape_before_permute = hidden_states.shape
@@ -84,7 +107,7 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.shared_experts is not None:
             self.shared_experts.linear_fc1_forward_and_act(global_tokens)
         if self._direct:
-            counts = self._padded_counts
+            counts = self._padded_counts  # a device int64 tensor on the sync-free path, else host ints
             self._src2 = self._dst2 = None
         else:
             if self.num_local_experts > 1:
@@ -99,7 +122,9 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
             global_tokens = ops.permute_rows(global_tokens, src2, dst2)
             global_probs = ops.permute_probs(global_probs, src2)
         self.tokens_per_expert = None
-        return global_tokens, torch.tensor(counts, dtype=torch.int64), global_probs
+        if not torch.is_tensor(counts):
+            counts = torch.tensor(counts, dtype=torch.int64)
+        return global_tokens, counts, global_probs
 
     def combine_preprocess(self, hidden_states):
         if self._direct:

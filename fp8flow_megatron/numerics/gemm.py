@@ -194,3 +194,54 @@ def fp8_grouped_wgrad(
         elif out is not None and not accumulate:
             result[e].zero_()
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Varlen forms: the groups are described by device tensors (RowGroups) over a worst-case buffer; the twins of the
+# sync-free kernels. They read the counts on the host (they are the spec) and compute exactly what the host-split
+# functions above compute on the groups' rows.
+
+
+def _real_rows(q: Fp8Blockwise, end: int) -> Fp8Blockwise:
+    return q if q.data.shape[0] == end else Fp8Blockwise(q.data[:end], q.scale_inv[:end], q.block)
+
+
+def _check_groups(q: Fp8Blockwise, groups, op: str) -> List[int]:
+    if q.data.shape[0] != groups.num_rows:
+        raise ValueError(f"{op}: the operand has {q.data.shape[0]} rows, the row groups describe {groups.num_rows}")
+    return groups.host_splits(op)
+
+
+def fp8_varlen_gemm_nt(
+    a: Fp8Blockwise, b: Sequence[Fp8Blockwise], groups, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """fp8_grouped_gemm_nt over row groups given on the device.
+
+    a:      Fp8Blockwise [num_rows, K] (1x128), group e at rows groups.offsets[e] .. offsets[e + 1].
+    b:      E weights [N, K] 128x128 (a list or an Fp8BlockwiseStack).
+    groups: numerics.groups.RowGroups with len(b) groups and groups.num_rows == a's rows.
+    Returns [num_rows, N] in out_dtype: the groups' rows exactly as fp8_grouped_gemm_nt(a[:end], b, counts) (end =
+    offsets[E]), the tail rows end .. num_rows - 1 zero.
+    """
+    splits = _check_groups(a, groups, "fp8_varlen_gemm_nt")
+    end = sum(splits)
+    y = fp8_grouped_gemm_nt(_real_rows(a, end), b, splits, out_dtype)
+    tail = groups.num_rows - end
+    return torch.cat([y, y.new_zeros(tail, y.shape[1])]) if tail else y
+
+
+def fp8_varlen_wgrad(
+    g_q: Fp8Blockwise,
+    x_q: Fp8Blockwise,
+    groups,
+    out_dtype: torch.dtype = torch.float32,
+    out: Optional[Sequence[torch.Tensor]] = None,
+    accumulate: bool = False,
+):
+    """fp8_grouped_wgrad over row groups given on the device: g_q [num_rows, N] and x_q [num_rows, K] (1x128), group
+    e at rows groups.offsets[e] .. offsets[e + 1]; the tail rows are never read. out / accumulate and the result as
+    fp8_grouped_wgrad's."""
+    splits = _check_groups(g_q, groups, "fp8_varlen_wgrad")
+    _check_groups(x_q, groups, "fp8_varlen_wgrad")
+    end = sum(splits)
+    return fp8_grouped_wgrad(_real_rows(g_q, end), _real_rows(x_q, end), splits, out_dtype, out=out, accumulate=accumulate)

@@ -122,6 +122,39 @@ def routing_rows(routing_map: torch.Tensor, align: int = 1) -> Tuple[torch.Tenso
     return src_rows, prob_src, dst_rows, padded
 
 
+def routing_rows_static(
+    routing_map: torch.Tensor, align: int, num_rows: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """routing_rows without any host read: the same maps laid into a buffer of num_rows rows, a bound the host knows
+    (max_padded_rows(tokens * topk, experts, align) for a router that picks at most topk experts per token).
+
+    routing_map: bool [T, E], at most num_rows - E * (align - 1) True entries (not checked: that would be a sync).
+    Returns (src_rows [num_rows] token of each row or -1, prob_src [num_rows] t*E + e or -1, dst_rows [T, E] row of
+             (t, e) or -1, padded_counts int64 [E] on routing_map's device).
+    Rows 0 .. sum(padded_counts) - 1 are exactly routing_rows(routing_map, align)'s; the rows after them (the tail)
+    are -1 in src_rows and prob_src, i.e. zero padding rows after the permute, and no dst_rows entry points there.
+    Torch ops only (cumsums, a scatter), O(T * E) like megatron's routing map itself; no sync on CUDA.
+    """
+    t, e = routing_map.shape
+    device = routing_map.device
+    taken = routing_map.to(torch.int64)
+    counts = taken.sum(dim=0)
+    padded = (counts + (align - 1)) // align * align
+    pad_start = torch.cumsum(padded, 0) - padded
+    # expert-major, tokens ascending within an expert (megatron's permute order): rank of (t, e) among e's tokens
+    rank = torch.cumsum(taken, dim=0) - 1
+    dst_rows = torch.where(routing_map, pad_start.unsqueeze(0) + rank, torch.full_like(rank, -1))
+    # scatter into num_rows + 1 slots: unrouted pairs all land in the last one, which is then cut off
+    target = torch.where(routing_map, dst_rows, torch.full_like(dst_rows, num_rows)).reshape(-1)
+    tok = torch.arange(t, dtype=torch.int64, device=device).unsqueeze(1).expand(t, e).reshape(-1)
+    flat = torch.arange(t * e, dtype=torch.int64, device=device)
+    src_rows = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
+    prob_src = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
+    src_rows.scatter_(0, target, torch.where(routing_map.reshape(-1), tok, -1))
+    prob_src.scatter_(0, target, torch.where(routing_map.reshape(-1), flat, -1))
+    return src_rows[:num_rows], prob_src[:num_rows], dst_rows, padded
+
+
 def chunk_sort_pad_rows(split_sizes: torch.Tensor, align: int = 1) -> Tuple[torch.Tensor, List[int]]:
     """Index map from the post-all-to-all order [source rank][local expert] to [local expert][source rank], each local
     expert padded to a multiple of align.

@@ -24,6 +24,7 @@ import torch
 
 from ..numerics import Fp8Blockwise
 from ..numerics import swiglu as _swiglu
+from ..numerics.groups import RowGroups
 from .backend import backend_for
 from .fp8_tensor import Fp8FlowTensor
 from .gemm_engine import gemm_engine_for
@@ -133,7 +134,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         w2_q = cache.get_group("fc2", w2, engine, refresh, guard_site=site_prefix + "fc2_weight")
         y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype, site_prefix)
         y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
-        ctx.m_splits, ctx.recompute, ctx.out_dtype = list(m_splits), recompute, out_dtype
+        ctx.m_splits, ctx.recompute, ctx.out_dtype = m_splits, recompute, out_dtype
         ctx.num_experts, ctx.engine_name, ctx.fuse_wgrad = num_experts, engine_name, fuse_wgrad
         ctx.site_prefix = site_prefix
         # The FP8 weights this forward used: backward and recompute must use the same ones (no tensor copies: these
@@ -199,7 +200,10 @@ def fp8_flow_experts(
 
     x:           Fp8FlowTensor [N, H] (1x128), rows grouped by expert, each group padded to the GEMM alignment.
     probs:       [N] fp32 routing weights (0 on padding rows); receives a gradient.
-    m_splits:    rows per expert (python ints, summing to N).
+    m_splits:    rows per expert: python ints summing to N, or a numerics.groups.RowGroups (the groups on the
+                 device over N worst-case rows, each a multiple of its align; rows past the last group are zero
+                 padding and come back as zero rows). With a RowGroups and the "triton" engine nothing here reads
+                 device memory on the host: the sync-free path. The "te" engine reads a RowGroups' counts (a sync).
     fc1_weights: per expert [2F, H] (gate rows first); fc2_weights: per expert [H, F].
     cache:       the layer's WeightQuantCache (None: a fresh one, i.e. quantize now).
     gemm_engine: "triton" (one launch per GEMM for all experts), "te" (TE's grouped GEMM) or "auto" (by the number
@@ -214,7 +218,8 @@ def fp8_flow_experts(
     """
     if not isinstance(x, Fp8FlowTensor):
         raise TypeError("fp8_flow_experts needs the FP8 payload from the FP8-Flow dispatcher (an Fp8FlowTensor)")
+    rows = m_splits if isinstance(m_splits, RowGroups) else [int(m) for m in m_splits]
     return _Fp8FlowExperts.apply(
-        x, probs, list(m_splits), recompute, cache or WeightQuantCache(), gemm_engine, bool(refresh_weights),
+        x, probs, rows, recompute, cache or WeightQuantCache(), gemm_engine, bool(refresh_weights),
         bool(fuse_wgrad_accumulation), telemetry_site_prefix, *fc1_weights, *fc2_weights,
     )

@@ -7,6 +7,14 @@ operands that were quantized outside TE and are wrapped as Float8BlockwiseQTenso
     dgrad  "NN": dx = dy @ W      dy row-wise 1x128, W column-wise 128x128 (TE's quantizer makes both usages)
     wgrad  "NT": dW = dy^T x      both column-wise, made by the CUDA scaling-aware transpose in TE's scale layout
 Every non-empty expert's row count must be a multiple of 8 for TE's blockwise GEMM (the dispatcher pads to 16).
+TritonGroupedGemm (CUDA): one Triton launch per GEMM for all experts (fp8flow_megatron.kernels.grouped_gemm).
+
+The rows argument of fprop / dgrad / wgrad (`rows`) is either the host row counts per expert (a list summing to the
+operand's rows) or a numerics.groups.RowGroups: the groups described on the device over a worst-case buffer, the
+sync-free layout of the EP=1 dispatcher. Only the Triton engine consumes a RowGroups without a host read (the
+fp8_varlen_* kernels); the reference engine runs the fp8_varlen_* twins (which read the counts: it is the CPU spec);
+the TE engine needs host m_splits by its API, so it reads the counts (a device -> host sync) and runs on the groups'
+rows, returning zero tail rows like the others.
 
 quantize_weights(weights, nonfinite_flag) raises the non-finite guard's flag (ops/nonfinite.py) on an inf or NaN
 weight: for free in our quantizers (reference, Triton); TE's 128x128 quantizer reports nothing (an inf block gets
@@ -23,7 +31,8 @@ import torch
 
 from ..numerics import Fp8Blockwise
 from ..numerics.format import host_to_device, mark_nonfinite
-from ..numerics.gemm import fp8_gemm_nt, fp8_grouped_gemm_nt, transpose_128x128
+from ..numerics.gemm import fp8_gemm_nt, fp8_grouped_gemm_nt, fp8_varlen_gemm_nt, fp8_varlen_wgrad, transpose_128x128
+from ..numerics.groups import RowGroups
 from .backend import backend_for
 
 TE_TESTED = "2.20.2"
@@ -41,12 +50,20 @@ class ReferenceGemm:
         return [self.quantize_weight(w, nonfinite_flag) for w in weights]
 
     def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        if isinstance(m_splits, RowGroups):
+            return fp8_varlen_gemm_nt(x_q, [w for w, _ in weights], m_splits, out_dtype)
         return fp8_grouped_gemm_nt(x_q, [w for w, _ in weights], m_splits, out_dtype)
 
     def dgrad(self, g_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        if isinstance(m_splits, RowGroups):
+            return fp8_varlen_gemm_nt(g_q, [w_t for _, w_t in weights], m_splits, out_dtype)
         return fp8_grouped_gemm_nt(g_q, [w_t for _, w_t in weights], m_splits, out_dtype)
 
     def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype, accumulate_into=None) -> List[torch.Tensor]:
+        if isinstance(m_splits, RowGroups):
+            out = fp8_varlen_wgrad(g_q, x_q, m_splits, torch.float32 if accumulate_into is None else
+                                   accumulate_into[0].dtype, out=accumulate_into, accumulate=accumulate_into is not None)  # fmt: skip
+            return list(accumulate_into) if accumulate_into is not None else [w.to(dtype) for w in out.unbind(0)]
         b = backend_for(g_q.device)
         g_t = b.scaling_aware_transpose(g_q, m_splits)
         x_t = b.scaling_aware_transpose(x_q, m_splits)
@@ -170,6 +187,22 @@ class TEGroupedGemm:
         ]
 
     # -- GEMMs
+    @staticmethod
+    def _host_rows(q: Fp8Blockwise, rows):
+        """(operand over the groups' rows, host m_splits, tail rows): TE's API takes host m_splits, so a RowGroups is
+        read on the host here (a device -> host sync: the TE engine is not sync-free)."""
+        if not isinstance(rows, RowGroups):
+            return q, list(rows), 0
+        splits = rows.host_splits("TEGroupedGemm")
+        end = sum(splits)
+        if end != q.data.shape[0]:
+            q = Fp8Blockwise(q.data[:end], q.scale_inv[:end], q.block)
+        return q, splits, rows.num_rows - end
+
+    @staticmethod
+    def _with_tail(y: torch.Tensor, tail: int) -> torch.Tensor:
+        return torch.cat([y, y.new_zeros(tail, y.shape[1])]) if tail else y
+
     def _grouped(self, a_list, b_list, m_splits, n_out, out_dtype, layout, grad):
         m_total = sum(m_splits)
         out = torch.empty(m_total, n_out, dtype=out_dtype, device=b_list[0]._rowwise_data.device if b_list else "cuda")
@@ -182,15 +215,22 @@ class TEGroupedGemm:
 
     def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
         n_out = weights[0].shape[0]
-        return self._grouped(list(weights), self._rowwise(x_q, m_splits), m_splits, n_out, out_dtype, "TN", False)
+        x_q, m_splits, tail = self._host_rows(x_q, m_splits)
+        y = self._grouped(list(weights), self._rowwise(x_q, m_splits), m_splits, n_out, out_dtype, "TN", False)
+        return self._with_tail(y, tail)
 
     def dgrad(self, g_q: Fp8Blockwise, weights, m_splits, out_dtype):
         n_out = weights[0].shape[1]
-        return self._grouped(list(weights), self._rowwise(g_q, m_splits), m_splits, n_out, out_dtype, "NN", True)
+        g_q, m_splits, tail = self._host_rows(g_q, m_splits)
+        y = self._grouped(list(weights), self._rowwise(g_q, m_splits), m_splits, n_out, out_dtype, "NN", True)
+        return self._with_tail(y, tail)
 
     def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype, accumulate_into=None) -> List[torch.Tensor]:
         """Per-expert [N, K] weight gradients; with accumulate_into (e.g. the weights' fp32 main_grad), added to
         those buffers in the GEMM epilogue (TE's accumulate=True), and empty experts leave theirs untouched."""
+        if isinstance(m_splits, RowGroups):
+            x_q, _, _ = self._host_rows(x_q, m_splits)
+            g_q, m_splits, _ = self._host_rows(g_q, m_splits)
         n, k = g_q.data.shape[1], x_q.data.shape[1]
         if accumulate_into is None:
             out = torch.empty(len(m_splits), n, k, dtype=dtype, device=g_q.data.device)
@@ -214,29 +254,36 @@ class TEGroupedGemm:
 
 class TritonGroupedGemm:
     """All experts in one Triton launch per GEMM (fp8flow_megatron.kernels.grouped_gemm): no per-expert host work.
-    Weights are kept as one Fp8BlockwiseStack per linear (and its exact 128x128 block transpose for dgrad)."""
+    Weights are kept as one Fp8BlockwiseStack per linear (and its exact 128x128 block transpose for dgrad).
+    Given a RowGroups, the varlen kernels read the groups from device memory: nothing is read on the host, no sync
+    (the sync-free MoE layer); given host m_splits, the same kernels get them in one small pinned copy."""
 
     name = "triton"
 
     def quantize_weights(self, weights, nonfinite_flag=None):
         return backend_for(weights[0].device).quantize_weight_stack(weights, nonfinite_flag)
 
-    def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
-        from ..kernels import fp8_grouped_gemm_nt_triton
+    @staticmethod
+    def _gemm(a_q, w, rows, out_dtype):
+        from ..kernels import fp8_grouped_gemm_nt_triton, fp8_varlen_gemm_nt_triton
 
-        return fp8_grouped_gemm_nt_triton(x_q, weights[0], m_splits, out_dtype)
+        if isinstance(rows, RowGroups):
+            return fp8_varlen_gemm_nt_triton(a_q, w, rows, out_dtype)
+        return fp8_grouped_gemm_nt_triton(a_q, w, rows, out_dtype)
+
+    def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
+        return self._gemm(x_q, weights[0], m_splits, out_dtype)
 
     def dgrad(self, g_q: Fp8Blockwise, weights, m_splits, out_dtype):
-        from ..kernels import fp8_grouped_gemm_nt_triton
-
-        return fp8_grouped_gemm_nt_triton(g_q, weights[1], m_splits, out_dtype)
+        return self._gemm(g_q, weights[1], m_splits, out_dtype)
 
     def wgrad(self, g_q: Fp8Blockwise, x_q: Fp8Blockwise, m_splits, dtype, accumulate_into=None) -> List[torch.Tensor]:
-        from ..kernels import fp8_grouped_wgrad_triton
+        from ..kernels import fp8_grouped_wgrad_triton, fp8_varlen_wgrad_triton
 
+        wgrad = fp8_varlen_wgrad_triton if isinstance(m_splits, RowGroups) else fp8_grouped_wgrad_triton
         if accumulate_into is not None:  # straight into the main_grad buffers, one launch (no [E, N, K] temporary)
-            return list(fp8_grouped_wgrad_triton(g_q, x_q, m_splits, dtype, out=list(accumulate_into), accumulate=True))
-        return list(fp8_grouped_wgrad_triton(g_q, x_q, m_splits, dtype).unbind(0))
+            return list(wgrad(g_q, x_q, m_splits, dtype, out=list(accumulate_into), accumulate=True))
+        return list(wgrad(g_q, x_q, m_splits, dtype).unbind(0))
 
 
 GEMM_ENGINES = ("auto", "triton", "te")

@@ -20,12 +20,15 @@ from .nonfinite_sites import SITES, VALUES, expected_message, step
 LAYER = 3
 
 
-def _layer(recompute=False):
+def _layer(recompute=False, sync_free=True):
     torch.manual_seed(0)
     cfg = moe_config(True, 4, 2, num_layers=4)
     cfg.moe_expert_recompute = recompute
     layer = moe_layer(cfg)
     layer.set_layer_number(LAYER)
+    # EP=1 with the Triton engine (the CPU default): the sync-free dispatch (device row maps, RowGroups)
+    assert layer.token_dispatcher.sync_free
+    layer.token_dispatcher.sync_free = sync_free
     return layer
 
 
@@ -48,6 +51,19 @@ def test_each_site_stops_the_step_naming_it(megatron_ep1, clean_guard, site, val
     finally:
         monitor.enabled = False
         monitor.reset()
+
+
+@pytest.mark.parametrize("site", list(SITES))
+def test_host_count_dispatch_keeps_the_sites(megatron_ep1, clean_guard, site):
+    # the other EP=1 layout (counts read on the host, exact buffer): the same sites, the same error
+    layer = _layer(sync_free=False)
+    x = torch.randn(16, 1, 128)
+    step(layer, x)
+    clean_guard.check(1)
+    step(layer, x, site, float("nan"))
+    with pytest.raises(FloatingPointError) as err:
+        clean_guard.check(2)
+    assert expected_message(site, LAYER, 2) in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("site", ["swiglu_out", "dswiglu_out"])
