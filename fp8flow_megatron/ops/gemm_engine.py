@@ -17,9 +17,12 @@ the TE engine needs host m_splits by its API, so it reads the counts (a device -
 rows, returning zero tail rows like the others.
 
 quantize_weights(weights, nonfinite_flag) raises the non-finite guard's flag (ops/nonfinite.py) on an inf or NaN
-weight: for free in our quantizers (reference, Triton); TE's 128x128 quantizer reports nothing (an inf block gets
-scale 1 and saturates, a NaN is encoded), so the TE engine adds one multi-tensor max-norm over the experts' weights
-(torch._foreach_norm, inf: NaN-propagating, one read of the weights per optimizer step, no sync).
+weight, for free in our quantizers. The TE engine quantizes its weights with our one-launch 128x128 stack kernel too
+(kernels/weight_quant.py: both usages of all experts of one linear in one launch, the same codes and scales as TE's
+Float8BlockQuantizer) and wraps each expert's slice as a 2D-scaled Float8BlockwiseQTensorStorage; TE's own
+quantizer, one call per expert, cost ~130 launches per layer and step and cannot report an inf or NaN (an inf block
+gets scale 1 and saturates, a NaN is encoded). quantize_weight (one weight, TE's quantizer) stays as the reference the
+GPU tests compare the stack against.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import List, Sequence
 import torch
 
 from ..numerics import Fp8Blockwise
-from ..numerics.format import host_to_device, mark_nonfinite
+from ..numerics.format import host_to_device
 from ..numerics.gemm import fp8_gemm_nt, fp8_grouped_gemm_nt, fp8_varlen_gemm_nt, fp8_varlen_wgrad, transpose_128x128
 from ..numerics.groups import RowGroups
 from .backend import backend_for
@@ -121,16 +124,20 @@ class TEGroupedGemm:
         # (DType.cast, a quantizer copy); a template made once by the real constructor is cloned instead, so the
         # attributes are exactly what this TE version sets (checked against the constructor in the GPU tests).
         empty = torch.empty(0, dtype=torch.uint8)
-        self._template = self._storage(
-            rowwise_data=empty, rowwise_scale_inv=empty, columnwise_data=empty, columnwise_scale_inv=empty,
-            fp8_dtype=self._e4m3, quantizer=None, is_2D_scaled=False,
-        ).__dict__
+        self._templates = {
+            is_2d: self._storage(
+                rowwise_data=empty, rowwise_scale_inv=empty, columnwise_data=empty, columnwise_scale_inv=empty,
+                fp8_dtype=self._e4m3, quantizer=None, is_2D_scaled=is_2d,
+            ).__dict__
+            for is_2d in (False, True)
+        }
 
-    def make_storage(self, rowwise_data=None, rowwise_scale_inv=None, columnwise_data=None, columnwise_scale_inv=None):
-        """A 1x128-scaled Float8BlockwiseQTensorStorage over existing uint8 codes and fp32 scales (no copy, no
-        quantizer: the GEMM reads codes and scales only)."""
+    def make_storage(self, rowwise_data=None, rowwise_scale_inv=None, columnwise_data=None, columnwise_scale_inv=None,
+                     is_2d_scaled: bool = False):  # fmt: skip
+        """A Float8BlockwiseQTensorStorage over existing uint8 codes and fp32 scales (no copy, no quantizer: the GEMM
+        reads codes and scales only); 1x128-scaled, or 128x128 with is_2d_scaled."""
         storage = object.__new__(self._storage)
-        storage.__dict__.update(self._template)
+        storage.__dict__.update(self._templates[is_2d_scaled])
         storage._rowwise_data, storage._rowwise_scale_inv = rowwise_data, rowwise_scale_inv
         storage._columnwise_data, storage._columnwise_scale_inv = columnwise_data, columnwise_scale_inv
         return storage
@@ -140,13 +147,28 @@ class TEGroupedGemm:
         return self._q2d(w.detach())
 
     def quantize_weights(self, weights, nonfinite_flag=None):
-        quantized = [self.quantize_weight(w) for w in weights]
-        if nonfinite_flag is not None and weights:
-            # TE's quantizer cannot report an inf or NaN; the max-norm of each weight (NaN propagates) can, without a
-            # sync: one extra read of the weights, once per optimizer step (see the module docstring)
-            amax = torch._foreach_norm([w.detach() for w in weights], float("inf"))
-            mark_nonfinite(nonfinite_flag, torch.stack(amax))
-        return quantized
+        """All experts' [N, K] weights of one linear -> one 128x128 Float8BlockwiseQTensorStorage per expert with both
+        usages: row-wise data [N, K] + scale_inv [ceil(N/128), roundup4(ceil(K/128))] (fprop) and column-wise data
+        [K, N] + scale_inv [ceil(K/128), roundup4(ceil(N/128))] (dgrad), TE's layouts (scale rows padded to a
+        multiple of 4 for cuBLAS, the padding zero and never read). One launch quantizes every expert (plus one small
+        pad per usage where ceil(K/128) or ceil(N/128) is not a multiple of 4). The kernel reads dense row-major
+        weights, as megatron's expert parameters are; any other layout is copied to one first."""
+        if not weights:
+            return []
+        dense = [w if w.is_contiguous() else w.contiguous() for w in weights]
+        stack, stack_t = backend_for(dense[0].device).quantize_weight_stack(dense, nonfinite_flag)
+        scale = self._pad_scale_rows(stack.scale_inv)
+        scale_t = self._pad_scale_rows(stack_t.scale_inv)
+        data, data_t = stack.data.view(torch.uint8), stack_t.data.view(torch.uint8)
+        return [
+            self.make_storage(data[e], scale[e], data_t[e], scale_t[e], is_2d_scaled=True) for e in range(len(dense))
+        ]
+
+    @staticmethod
+    def _pad_scale_rows(scale_inv: torch.Tensor) -> torch.Tensor:
+        """[E, rows, cols] fp32 -> [E, rows, roundup(cols, 4)], zero-padded (TE's 128x128 scale layout)."""
+        pad = -scale_inv.shape[-1] % 4
+        return torch.nn.functional.pad(scale_inv, (0, pad)) if pad else scale_inv
 
     @staticmethod
     def _gemm_ready_scales(scale_inv: torch.Tensor, m_splits: Sequence[int]) -> List[torch.Tensor]:

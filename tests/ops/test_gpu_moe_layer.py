@@ -19,15 +19,16 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def test_fast_storage_equals_te_constructor(te_engine):
+@pytest.mark.parametrize("is_2d", [False, True])
+def test_fast_storage_equals_te_constructor(te_engine, is_2d):
     # make_storage clones a template instead of calling TE's constructor ~500 times per layer fwd+bwd; it must hold
     # exactly what the constructor would (same attributes, same values), or TE's GEMM could read something else.
     codes = torch.zeros(32, 256, dtype=torch.uint8, device="cuda")
     scales = torch.ones(2, 32, device="cuda")
-    fast = te_engine.make_storage(rowwise_data=codes, rowwise_scale_inv=scales)
+    fast = te_engine.make_storage(rowwise_data=codes, rowwise_scale_inv=scales, is_2d_scaled=is_2d)
     slow = te_engine._storage(
         rowwise_data=codes, rowwise_scale_inv=scales, columnwise_data=None, columnwise_scale_inv=None,
-        fp8_dtype=te_engine._e4m3, quantizer=None, is_2D_scaled=False,
+        fp8_dtype=te_engine._e4m3, quantizer=None, is_2D_scaled=is_2d,
     )
     assert type(fast) is type(slow) and fast.__dict__.keys() == slow.__dict__.keys()
     for name, value in slow.__dict__.items():
@@ -62,6 +63,45 @@ def test_te_grouped_gemm_matches_reference(te_engine, m_splits):
             assert float(a.abs().sum()) == 0.0
         else:
             assert _rel(a, b) < 1e-3, i
+
+
+@pytest.mark.parametrize(
+    "num_experts,n,k",
+    [(3, 384, 256), (2, 2816, 2048), (2, 2048, 1408), (1, 300, 200), (4, 128, 128)],
+    ids=["small", "v2lite-fc1", "v2lite-fc2-pad", "partial-blocks", "one-block"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_te_engine_weights_equal_te_quantizer(te_engine, num_experts, n, k, dtype):
+    # The TE engine quantizes all experts of a linear in one launch (our stack kernel) instead of TE's quantizer per
+    # expert: the storages must hold exactly what TE's Float8BlockQuantizer makes (codes, scales in TE's padded
+    # layout, both usages), so TE's GEMM computes bit-for-bit the same products.
+    from fp8flow_megatron.numerics import quantize_1x128
+
+    torch.manual_seed(0)
+    w = [(torch.randn(n, k, device="cuda") * 0.05 * (i + 1)).to(dtype) for i in range(num_experts)]
+    w[0][:128, :128] = 0.0  # one all-zero block: both must encode a zero amax the same way
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    ours = te_engine.quantize_weights(w, nonfinite_flag=flag)
+    theirs = [te_engine.quantize_weight(t) for t in w]
+    assert int(flag) == 0
+    nbn, nbk = -(-n // 128), -(-k // 128)
+    for e, (a, b) in enumerate(zip(ours, theirs)):
+        assert a._is_2D_scaled and b._is_2D_scaled
+        assert torch.equal(a._rowwise_data, b._rowwise_data.view(torch.uint8)), e
+        assert torch.equal(a._columnwise_data, b._columnwise_data.view(torch.uint8)), e
+        assert a._rowwise_scale_inv.shape == b._rowwise_scale_inv.shape, e
+        assert a._columnwise_scale_inv.shape == b._columnwise_scale_inv.shape, e
+        assert torch.equal(a._rowwise_scale_inv[:, :nbk], b._rowwise_scale_inv[:, :nbk]), e
+        assert torch.equal(a._columnwise_scale_inv[:, :nbn], b._columnwise_scale_inv[:, :nbn]), e
+    if n % 16 or k % 16:
+        return  # TE's blockwise GEMM needs leading dimensions that are multiples of 16 (the codes above still match)
+    m_splits = [64] * num_experts
+    x_q = quantize_1x128(torch.randn(sum(m_splits), k, device="cuda"))
+    g_q = quantize_1x128(torch.randn(sum(m_splits), n, device="cuda"))
+    assert torch.equal(te_engine.fprop(x_q, ours, m_splits, torch.float32),
+                       te_engine.fprop(x_q, theirs, m_splits, torch.float32))
+    assert torch.equal(te_engine.dgrad(g_q, ours, m_splits, torch.float32),
+                       te_engine.dgrad(g_q, theirs, m_splits, torch.float32))
 
 
 def _layers(flow_cfg_kw=None):
