@@ -37,13 +37,19 @@ from ._triton import HAVE_TRITON, jit, require_cuda, require_triton, tl, triton
 TILE_M = 128  # rows per program along M: RowGroups.tiles count 128-row tiles (= the transposes' blocks), not tuned
 
 
-def _configs(block_names):
+# Candidate launch configs (BLOCK_N, num_warps, num_stages), from scripts/tune_grouped_gemm.py on an H200 at the
+# DeepSeek-V2-Lite expert shapes (BENCHMARKS.md, issue 15): fprop/dgrad peak at 128/8/3-4 (~48-50% of the dense
+# cuBLAS FP8 ceiling; BLOCK_N 256 spills, 4 warps on 128 columns halves the rate); the wgrad GEMM peaks at a 64-column
+# tile on one warpgroup, 64/4/3 (1.4-1.7x its old 128/8/3: 601 vs 427 TFLOP/s at 64 x 1,536 rows, 2048->2816).
+# Every config gives bit-identical outputs (same per-128-K-block promotion order); only the speed differs.
+_NT_CONFIGS = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4))
+_WGRAD_CONFIGS = ((64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4))
+
+
+def _configs(block_names, candidates):
     if not HAVE_TRITON:
         return []
-    out = []
-    for bn, warps, stages in ((128, 8, 3), (128, 8, 4), (128, 4, 4)):
-        out.append(triton.Config({block_names[0]: bn}, num_warps=warps, num_stages=stages))
-    return out
+    return [triton.Config({block_names[0]: bn}, num_warps=warps, num_stages=stages) for bn, warps, stages in candidates]
 
 
 def _autotune(configs, key):
@@ -52,7 +58,7 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
-@_autotune(_configs(["BLOCK_N"]), key=["N", "K"])
+@_autotune(_configs(["BLOCK_N"], _NT_CONFIGS), key=["N", "K"])
 @jit
 def _grouped_gemm_nt_kernel(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
@@ -154,10 +160,12 @@ def _grouped_wgrad_body(
 
 
 # Autotuned for the one-tensor output only: the autotuner times each config by running the kernel on the real
-# arguments, which would add the gradient into the out= buffers once per trial. The out= path launches the body with
-# the first candidate config (not swept for it yet).
-_grouped_wgrad_kernel = _autotune(_configs(["BLOCK_N"]), key=["N", "K", "ROWS_ALIGNED_16"])(_grouped_wgrad_body)
-_WGRAD_OUT_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
+# arguments, which would add the gradient into the out= buffers once per trial. The out= path (main_grad
+# accumulation, what training runs) launches the body with the config that won the sweep at every measured shape.
+_grouped_wgrad_kernel = _autotune(_configs(["BLOCK_N"], _WGRAD_CONFIGS), key=["N", "K", "ROWS_ALIGNED_16"])(
+    _grouped_wgrad_body
+)
+_WGRAD_OUT_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def _stack(b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]]) -> Fp8BlockwiseStack:
