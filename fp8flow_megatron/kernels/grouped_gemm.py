@@ -63,7 +63,7 @@ def _autotune(configs, key):
 def _grouped_gemm_nt_kernel(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
     N, K, num_kb, num_nb,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     # grid (N tiles, max_tiles): consecutive programs share one A tile (L2), and one expert's B stays hot across its
     # tiles. M tile pid_m < tiles[E] is tile pid_m - tiles[e] of group e = tile_groups[pid_m] (all read from device
@@ -91,9 +91,13 @@ def _grouped_gemm_nt_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, k_blocks):
         k = kb * BLOCK_K + offs_k
-        mask_k = k < K
-        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K:  # K % 128 == 0 (every V2-Lite linear): no K predicate on the loads, +3-4% (tune_grouped_gemm.py)
+            a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_rows + k[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = k < K
+            a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
         sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
         acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
@@ -190,7 +194,7 @@ def _gemm(a: Fp8Blockwise, w: Fp8BlockwiseStack, groups: RowGroups, out_dtype: t
     _grouped_gemm_nt_kernel[grid](
         a.data.contiguous(), a.scale_inv.contiguous(), w.data, w.scale_inv, out, groups.offsets, groups.tiles,
         groups.tile_groups, num_experts, m_total, n, k, kb, nb,
-        BLOCK_M=TILE_M, BLOCK_K=BLOCK,
+        BLOCK_M=TILE_M, BLOCK_K=BLOCK, EVEN_K=k % BLOCK == 0,
     )  # fmt: skip
     return out
 
