@@ -38,6 +38,7 @@ def _experimental_kernel():
         a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
         N, K, num_kb, num_nb,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr, EVEN_K: tl.constexpr,
+        SWAP: tl.constexpr,
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -58,52 +59,66 @@ def _experimental_kernel():
         b_rows = b_ptr + expert * N * K + offs_n[:, None] * K
         sa_rows = a_scale_ptr + offs_m * num_kb
         sb_rows = b_scale_ptr + expert * num_nb * num_kb + (offs_n // BLOCK_K) * num_kb
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PIPE:
-            live = k_blocks > 0
-            a = tl.load(a_rows + offs_k[None, :], mask=(mask_m & live)[:, None], other=0.0)
-            b = tl.load(b_rows + offs_k[None, :], mask=(mask_n & live)[:, None], other=0.0)
-            sa = tl.load(sa_rows, mask=mask_m & live, other=0.0)
-            sb = tl.load(sb_rows, mask=mask_n & live, other=0.0)
-            part = tl.dot(a, tl.trans(b))
-            for kb in range(1, k_blocks):
+        if SWAP:  # C^T tile = W_tile . A_tile^T: the weight rows take wgmma's M side (64 per warpgroup), tokens N
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for kb in range(0, k_blocks):
                 k = kb * BLOCK_K + offs_k
                 a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
                 b = tl.load(b_rows + k[None, :], mask=mask_n[:, None], other=0.0)
-                nxt = tl.dot(a, tl.trans(b))
-                acc += part * sa[:, None] * sb[None, :]
                 sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
                 sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
-                part = nxt
-            acc += part * sa[:, None] * sb[None, :]
+                acc_t += tl.dot(b, tl.trans(a)) * sa[None, :] * sb[:, None]
+            c_t = c_ptr + offs_m[None, :] * N + offs_n[:, None]
+            tl.store(c_t, acc_t.to(c_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
         else:
-            for kb in range(0, k_blocks):
-                k = kb * BLOCK_K + offs_k
-                if EVEN_K:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if PIPE:
+                live = k_blocks > 0
+                a = tl.load(a_rows + offs_k[None, :], mask=(mask_m & live)[:, None], other=0.0)
+                b = tl.load(b_rows + offs_k[None, :], mask=(mask_n & live)[:, None], other=0.0)
+                sa = tl.load(sa_rows, mask=mask_m & live, other=0.0)
+                sb = tl.load(sb_rows, mask=mask_n & live, other=0.0)
+                part = tl.dot(a, tl.trans(b))
+                for kb in range(1, k_blocks):
+                    k = kb * BLOCK_K + offs_k
                     a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
                     b = tl.load(b_rows + k[None, :], mask=mask_n[:, None], other=0.0)
-                else:
-                    mask_k = k < K
-                    a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                    b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
-                sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
-                acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
-        c = c_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                    nxt = tl.dot(a, tl.trans(b))
+                    acc += part * sa[:, None] * sb[None, :]
+                    sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
+                    sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
+                    part = nxt
+                acc += part * sa[:, None] * sb[None, :]
+            else:
+                for kb in range(0, k_blocks):
+                    k = kb * BLOCK_K + offs_k
+                    if EVEN_K:
+                        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
+                        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None], other=0.0)
+                    else:
+                        mask_k = k < K
+                        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                    sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
+                    sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
+                    acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+            c = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     return kernel
 
 
-EXPERIMENTS = [dict(PIPE=pipe, EVEN_K=even, BLOCK_N=bn, num_warps=w, num_stages=st)
-               for pipe, even in ((True, True), (False, True))
-               for bn, w, st in ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4))]  # fmt: skip
+EXPERIMENTS = [dict(PIPE=False, EVEN_K=True, SWAP=swap, BLOCK_N=bn, num_warps=w, num_stages=st)
+               for swap in (False, True)
+               for bn, w, st in ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4),
+                                 (256, 8, 3))]  # fmt: skip
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="ep1-fc1,ep1-fc2,ep8-fc1")
     ap.add_argument("--gemms", default="fprop,dgrad,wgrad")
+    ap.add_argument("--experiments-only", action="store_true", help="fprop/dgrad: only the experimental body")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     args = ap.parse_args(argv)
@@ -176,7 +191,7 @@ def main(argv=None) -> int:
             lines.append("| BLOCK_N | warps | stages | TFLOP/s | % ceiling | bit-equal to shipped |")
             lines.append("|---|---|---|---|---|---|")
             rows = []
-            for cfg in configs:
+            for cfg in [] if args.experiments_only and gemm != "wgrad" else configs:
                 try:
                     out = launch(cfg, *sets[0])
                     same = bk.bytes_equal(out, ref_out)
@@ -198,8 +213,8 @@ def main(argv=None) -> int:
                         )  # fmt: skip
                         return out
 
-                    label = dict(cfg, BLOCK_N=f"exp PIPE={int(cfg['PIPE'])} EVEN_K={int(cfg['EVEN_K'])} {cfg['BLOCK_N']}")
-                    label = {kk: v for kk, v in label.items() if kk not in ("PIPE", "EVEN_K")}
+                    label = dict(cfg, BLOCK_N=f"exp SWAP={int(cfg['SWAP'])} EVEN_K=1 {cfg['BLOCK_N']}")
+                    label = {kk: v for kk, v in label.items() if kk not in ("PIPE", "EVEN_K", "SWAP")}
                     try:
                         same = bk.bytes_equal(launch_exp(*sets[0]), ref_out)
                         us = bk.time_us(launch_exp, sets, args.warmup, args.iters)
