@@ -46,7 +46,7 @@ class WeightQuantCache:
         self.num_quantizations = 0  # per linear; read by tests and telemetry
         # persistent: a refresh writes the new codes into the buffers already cached (the engine's quantize_weights
         # out=) instead of replacing them, so a CUDA graph captured on those buffers reads every step's weights
-        # (ops/graphs.py, megatron/cuda_graph.py). Only engines with in-place quantization (Triton) support it.
+        # (ops/graphs.py, megatron/cuda_graph.py). Engines with in-place quantization (Triton) honour it.
         self.persistent = persistent
 
     def get_group(self, name: str, weights, engine, refresh: bool, guard_site: Optional[str] = None):
@@ -57,12 +57,10 @@ class WeightQuantCache:
         if not refresh and hit is not None and hit[0] == (engine.name, len(weights)):
             return hit[1]
         flag = guard.flag(guard_site, "forward", weights[0].device) if guard_site is not None and weights else None
-        in_place = self.persistent and hit is not None and hit[0] == (engine.name, len(weights))
-        if self.persistent and not getattr(engine, "quantizes_in_place", False):
-            raise ValueError(
-                f"WeightQuantCache(persistent=True) needs a GEMM engine that quantizes into existing buffers (triton); "
-                f"got {engine.name!r}"
-            )
+        # an engine without in-place quantization (the CPU reference) replaces the buffers; a graph captured on the
+        # old ones notices through addresses() and is captured again
+        in_place = (self.persistent and getattr(engine, "quantizes_in_place", False) and hit is not None
+                    and hit[0] == (engine.name, len(weights)))
         with torch.no_grad():
             if in_place:
                 w_q = engine.quantize_weights(weights, nonfinite_flag=flag, out=hit[1])
