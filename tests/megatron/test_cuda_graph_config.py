@@ -159,3 +159,47 @@ def test_usable_only_for_training_forwards_with_grad(megatron_ep1, monkeypatch):
     assert not graphs.usable(fake)  # logged iterations observe FP8 health on the host
     monkeypatch.setattr(monitor, "enabled", False)
     assert not graphs.usable(SimpleNamespace(is_cuda=True, requires_grad=False))
+
+
+def test_weight_stack_quantizes_into_given_buffers():
+    """numerics.gemm.quantize_weight_stack(out=...): the same codes as a fresh call, written into the given buffers
+    (what a captured graph reads); wrong buffers are refused with the expected layout."""
+    from fp8flow_megatron.numerics.gemm import quantize_weight_stack
+
+    torch.manual_seed(0)
+    weights = [torch.randn(256, 384) for _ in range(3)]
+    first = quantize_weight_stack(weights)
+    addresses = [t.data_ptr() for s in first for t in (s.data, s.scale_inv)]
+    new = [w * 3 for w in weights]
+    got = quantize_weight_stack(new, out=first)
+    ref = quantize_weight_stack(new)
+    assert got is first and [t.data_ptr() for s in got for t in (s.data, s.scale_inv)] == addresses
+    for a, b in zip(got, ref):
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale_inv, b.scale_inv)
+    with pytest.raises(ValueError, match="out stack.data is .* expected a contiguous"):
+        quantize_weight_stack(weights[:2], out=first)
+
+
+def test_persistent_cache_refreshes_in_place_with_an_in_place_engine():
+    from fp8flow_megatron.numerics.gemm import quantize_weight_stack
+    from fp8flow_megatron.ops.experts import WeightQuantCache
+
+    class InPlaceEngine:
+        name, quantizes_in_place = "fake", True
+
+        def quantize_weights(self, weights, nonfinite_flag=None, out=None):
+            return quantize_weight_stack(weights, nonfinite_flag, out=out)
+
+    weights = [torch.randn(128, 128) for _ in range(2)]
+    cache = WeightQuantCache(persistent=True)
+    first = cache.get_group("fc1", weights, InPlaceEngine(), refresh=True)
+    before = cache.addresses()
+    with torch.no_grad():
+        for w in weights:
+            w.mul_(2)
+    again = cache.get_group("fc1", weights, InPlaceEngine(), refresh=True)
+    assert again is first and cache.addresses() == before and cache.num_quantizations == 2
+    assert torch.equal(again[0].scale_inv, quantize_weight_stack(weights)[0].scale_inv)
+    plain = WeightQuantCache()
+    a = plain.get_group("fc1", weights, InPlaceEngine(), refresh=True)
+    assert plain.get_group("fc1", weights, InPlaceEngine(), refresh=True) is not a  # not persistent: replaced

@@ -182,3 +182,18 @@ def test_replay_is_sync_free_and_reads_new_weights(megatron_gpu, clean_guard):
     _assert_equal(got[1], ref[1], "input grad after a weight update")
     _assert_equal(graphed.experts.linear_fc1.weight3.grad, eager.experts.linear_fc1.weight3.grad, "dW fc1[3]")
     clean_guard.check(1)
+
+
+def test_weight_stack_kernel_quantizes_into_given_buffers():
+    from fp8flow_megatron.kernels import quantize_weight_stack_triton
+    from fp8flow_megatron.numerics.gemm import quantize_weight_stack
+
+    torch.manual_seed(0)
+    weights = [torch.randn(2816, 2048, device="cuda").to(torch.bfloat16) for _ in range(4)]
+    first = quantize_weight_stack_triton(weights)
+    new = [w * 3 for w in weights]
+    got = quantize_weight_stack_triton(new, out=first)
+    ref = quantize_weight_stack(new)
+    assert got is first
+    for a, b in zip(got, ref):
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale_inv, b.scale_inv)
