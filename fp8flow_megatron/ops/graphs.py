@@ -83,14 +83,16 @@ class CapturedFwdBwd:
             torch.cuda.current_stream().wait_stream(side)
 
             self.fwd_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.fwd_graph):
+            # thread_local: another thread's CUDA calls (NCCL's proxy, an async param all-gather's host side) must
+            # not invalidate the capture; only this thread's unsafe calls are errors
+            with torch.cuda.graph(self.fwd_graph, capture_error_mode="thread_local"):
                 outs = self._as_tuple(self.fn(*self.static_inputs))
             self.static_outputs = [o.detach() for o in outs]
             self._diff_outputs = [i for i, o in enumerate(outs) if o.requires_grad]
             # allocated outside the graph (as make_graphed_callables): the caller's gradients are copied in
             self.static_grad_outputs = [torch.empty_like(outs[i]) for i in self._diff_outputs]
             self.bwd_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.bwd_graph, pool=self.fwd_graph.pool()):
+            with torch.cuda.graph(self.bwd_graph, pool=self.fwd_graph.pool(), capture_error_mode="thread_local"):
                 grads = torch.autograd.grad(
                     [outs[i] for i in self._diff_outputs], targets, grad_outputs=self.static_grad_outputs,
                     allow_unused=True,
