@@ -203,3 +203,87 @@ def test_persistent_cache_refreshes_in_place_with_an_in_place_engine():
     plain = WeightQuantCache()
     a = plain.get_group("fc1", weights, InPlaceEngine(), refresh=True)
     assert plain.get_group("fc1", weights, InPlaceEngine(), refresh=True) is not a  # not persistent: replaced
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_graphed_forward_decomposition_equals_megatron_forward(megatron_ep1, clean_guard, monkeypatch, shared):
+    """The graphed path's forward (shared experts -> router -> routed_experts_eager, the captured region -> sum), run
+    eagerly on CPU, equals megatron's MoELayer.forward bit for bit: output, input grad and every parameter's grad,
+    with the aux loss and z-loss on (their gradients reach the router through the region's probs gradient)."""
+    from fp8flow_megatron.megatron.cuda_graph import MoELayerCudaGraphs
+
+    torch.manual_seed(4)
+    extra = dict(moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+    if shared:
+        extra["moe_shared_expert_intermediate_size"] = 256
+    plain = moe_layer(moe_config(True, num_experts=8, **extra))
+    cfg = moe_config(True, num_experts=8, **extra)
+    cfg.moe_fp8_flow_cuda_graph = True
+    graphed = moe_layer(cfg)
+    graphed.load_state_dict(plain.state_dict())
+    monkeypatch.setattr(MoELayerCudaGraphs, "usable", lambda self, h: True)
+    regions = []
+
+    def eager_region(self, hidden_states, probs, routing_map):
+        regions.append(tuple(hidden_states.shape))
+        return self.layer.routed_experts_eager(hidden_states, probs, routing_map)
+
+    monkeypatch.setattr(MoELayerCudaGraphs, "routed", eager_region)
+    x = torch.randn(10, 2, 128)
+    ref, got = run_layer(plain, x), run_layer(graphed, x)
+    assert regions == [(10, 2, 128)], "the graphed path was not taken"
+    for u, v in zip(got, ref):
+        assert torch.equal(u, v)
+    for (name, p), (_, q) in zip(plain.named_parameters(), graphed.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_lazy_capture_per_shape_recapture_on_a_new_environment_and_the_graph_limit(megatron_ep1, monkeypatch, caplog):
+    """MoELayerCudaGraphs.routed's bookkeeping with the capture stubbed (it needs CUDA): a shape's first call runs
+    eager, its second captures and replays, later calls replay; a changed environment (e.g. the guard's flag buffer
+    grew) re-captures with a log line naming it; the weights are prepared eagerly before every graphed call; past
+    MAX_GRAPHS shapes, a new shape stays eager (warned once)."""
+    import logging
+
+    from fp8flow_megatron.megatron import cuda_graph
+
+    cfg = moe_config(True)
+    cfg.moe_fp8_flow_cuda_graph = True
+    layer = moe_layer(cfg)
+    graphs = layer.cuda_graphs
+    log = []
+    monkeypatch.setattr(layer, "routed_experts_eager", lambda h, p, r: log.append(("eager", h.shape[0])) or h)
+    monkeypatch.setattr(layer.experts, "prepare_weights", lambda device: log.append(("prepare", None)))
+    env = {"guard buffer": 1}
+    monkeypatch.setattr(cuda_graph.MoELayerCudaGraphs, "_environment",
+                        lambda self, device: (True, env["guard buffer"], (), (), (), False))
+
+    def fake_capture(self, h, p, r):
+        log.append(("capture", h.shape[0]))
+        return lambda h, p, r: log.append(("replay", h.shape[0])) or h
+
+    monkeypatch.setattr(cuda_graph.MoELayerCudaGraphs, "_capture", fake_capture)
+
+    def call(tokens):
+        graphs.routed(torch.zeros(tokens, 2, 128), torch.zeros(2 * tokens, 4, requires_grad=True),
+                      torch.zeros(2 * tokens, 4, dtype=torch.bool))
+
+    call(8), call(8), call(8)
+    assert log == [("eager", 8), ("prepare", None), ("capture", 8), ("replay", 8), ("prepare", None), ("replay", 8)]
+    log.clear()
+    env["guard buffer"] = 2
+    with caplog.at_level(logging.INFO, logger=cuda_graph.__name__):
+        call(8)
+    assert log == [("prepare", None), ("capture", 8), ("replay", 8)]
+    assert "re-capturing" in caplog.text and "the guard's flag buffer changed" in caplog.text
+    log.clear()
+    for tokens in (9, 10, 11):  # three more shapes: 4 graphs in all
+        call(tokens), call(tokens)
+    assert [e for e in log if e[0] == "capture"] == [("capture", t) for t in (9, 10, 11)]
+    log.clear()
+    with caplog.at_level(logging.WARNING, logger=cuda_graph.__name__):
+        call(12), call(12), call(12)
+    assert log == [("eager", 12)] * 3 and "holds 4 graphs already" in caplog.text
+    assert graphs.num_replays == 6  # shape 8: two, then one after the re-capture; 9, 10, 11: one each
