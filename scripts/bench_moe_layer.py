@@ -556,8 +556,8 @@ def main():
     ap.add_argument("--cuda-graph", action="store_true",
                     help="add <variant>_graph (--moe-fp8-flow-cuda-graph) after each FP8-Flow variant that supports it")
     args = ap.parse_args()
-    microbatches_text, args.microbatches = args.microbatches, parse_microbatches(args.microbatches) if args.microbatches else []
-    args.microbatches_text = microbatches_text
+    args.microbatches_text = args.microbatches or ""
+    args.microbatches = parse_microbatches(args.microbatches) if args.microbatches else []
     global NEW_STEP
     NEW_STEP = not args.frozen_weights
 
