@@ -125,7 +125,8 @@ def print_config(args) -> None:
     for key in sorted(vars(args)):
         print(f"  {key:40s} {getattr(args, key)}")
     mode = "real FP8 through TE" if args.use_cuda else "emulated exactly on CPU (fp8flow_megatron.numerics)"
-    print(f"  FP8-Flow: {'on' if args.moe_fp8_flow else 'off'}, {mode}", flush=True)
+    graphs = ", MoE layers replayed from CUDA graphs" if getattr(args, "moe_fp8_flow_cuda_graph", False) else ""
+    print(f"  FP8-Flow: {'on' if args.moe_fp8_flow else 'off'}, {mode}{graphs}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- build

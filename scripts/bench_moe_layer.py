@@ -4,6 +4,8 @@ same weights and inputs. EP=1 on one GPU, or experts spread over N GPUs of one h
     source .gpu-bundle/setup.sh && python scripts/bench_moe_layer.py [--tokens 16384] [--iters 20] [--write BENCHMARKS.md]
     source .gpu-bundle/setup.sh && torchrun --nproc-per-node 8 scripts/bench_moe_layer.py --ep 8 [--tokens 16384] \
         [--iters 20] [--write BENCHMARKS.md]
+    source .gpu-bundle/setup.sh && python scripts/bench_moe_layer.py --variants bf16,te_blockwise,fp8flow_triton \
+        --cuda-graph --microbatches 1,8 --iters 10      # training steps, and the CUDA-graphed FP8-Flow layer
 
 Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn 1408, 2 shared experts, hidden 2048):
   bf16            stock TEGroupedMLP, BF16, TE fused permute
@@ -13,6 +15,9 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   fp8flow_recomp  the same with --moe-expert-recompute
   fp8flow_triton, fp8flow_te (and fp8flow_recomp_triton / _te)  an engine forced: the Triton kernels, or TE's
                   grouped GEMM on the pre-quantized FP8
+  <fp8flow variant>_graph  --cuda-graph: the same layer with --moe-fp8-flow-cuda-graph (EP=1, Triton engine, no
+                  expert recompute), captured at its second call; --microbatches N[,M]: per-step tables of one weight
+                  re-quantization + N fwd+bwd with wall, host-issue and kernel time (scripts/bench_moe_layer_steps.py)
   <any fp8flow variant>_noguard  the same with the non-finite guard off (FP8FLOW_NONFINITE_GUARD=0: no flag is passed
                   to the quantizers); --guard-ab adds one per fp8flow variant and reports the guard's cost
 Every timed fwd+bwd is a training step of one micro-batch: the FP8 weight caches (TE's, FP8-Flow's) are marked stale
@@ -59,6 +64,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_moe_layer_steps import GRAPH, format_steps_table, measure_steps, parse_microbatches, with_graph_variants  # noqa: E402
 
 # kernels that convert precision or layout outside a GEMM (what the recipe is about); GEMM kernels are excluded
 CAST_RE = re.compile(r"quantiz|cast|transpose|dequant|cvt_|_to_fp8|fp8_cast|swiglu_quant", re.IGNORECASE)
@@ -83,6 +90,8 @@ def build_layer(variant: str, args):
     from fp8flow_megatron.megatron.spec import fp8flow_moe_spec
 
     variant = variant.removesuffix(NOGUARD)  # the guard is switched in run_variant, not in the layer
+    graphed = variant.endswith(GRAPH)
+    variant = variant.removesuffix(GRAPH)
     fp32 = variant == "fp32"
     fp8 = variant == "te_blockwise" or variant.startswith("fp8flow")
     flow = variant.startswith("fp8flow")
@@ -99,6 +108,7 @@ def build_layer(variant: str, args):
     cfg.moe_fp8_flow = flow
     cfg.moe_expert_recompute = flow and "recomp" in variant
     cfg.moe_fp8_flow_gemm = "te" if variant.endswith("_te") else "triton" if variant.endswith("_triton") else "auto"
+    cfg.moe_fp8_flow_cuda_graph = graphed
     spec = get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
     if flow:
         spec = fp8flow_moe_spec(spec)
@@ -192,8 +202,9 @@ def new_step(layer):
         m.is_first_microbatch = True
 
 
-def fwd_bwd(layer, fp8, x, g):
-    if NEW_STEP:
+def fwd_bwd(layer, fp8, x, g, mark_step=None):
+    """One fwd+bwd; mark_step (default: not --frozen-weights) gives megatron's step signal first."""
+    if NEW_STEP if mark_step is None else mark_step:
         new_step(layer)
     x = x.detach().requires_grad_()
     with fp8_context(fp8):
@@ -401,6 +412,7 @@ def _run_variant(variant, state, x, g, ref, args):
     a2a_bytes = A2A.count(fwd_bwd, layer, fp8, xv, gv)
     profiled = 1 if args.ep == 1 else PROFILED_ITERS_EP
     launches, kernel_us = profile_kernels(variant, layer, fp8, xv, gv, profiled, args, statistics.median(times))
+    steps = measure_steps(new_step, fwd_bwd, layer, fp8, xv, gv, args.microbatches, args.iters) if args.microbatches else {}
     casts = {n: c for n, c in launches.items() if CAST_RE.search(n) and not GEMM_RE.search(n) and not NCCL_RE.search(n)}
     nccl = {n: (launches[n], us) for n, us in kernel_us.items() if NCCL_RE.search(n) or A2A_RE.search(n)}
     a2a_ms = sum(us for n, us in kernel_us.items() if A2A_RE.search(n)) / 1e3
@@ -421,6 +433,7 @@ def _run_variant(variant, state, x, g, ref, args):
         "nccl_kernels": nccl,
         "check_us": statistics.median(check_us) if check_us and variant.startswith("fp8flow") else None,
         "guard_ratios": guard_ratios,
+        "steps": steps,
     }
 
 
@@ -538,7 +551,13 @@ def main():
                          "it, and report the guard's cost")
     ap.add_argument("--frozen-weights", action="store_true",
                     help="quantize weights only once (the tables before 2026-12-01): leaves weight quantization out")
+    ap.add_argument("--microbatches", default=None,
+                    help="N[,M]: also time training steps of one weight re-quantization + N fwd+bwd (e.g. 1,8)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="add <variant>_graph (--moe-fp8-flow-cuda-graph) after each FP8-Flow variant that supports it")
     args = ap.parse_args()
+    args.microbatches_text = args.microbatches or ""
+    args.microbatches = parse_microbatches(args.microbatches) if args.microbatches else []
     global NEW_STEP
     NEW_STEP = not args.frozen_weights
 
@@ -554,6 +573,8 @@ def main():
     state, x, g, ref = fp32_reference(args, rank)
     results = {}
     variants = args.variants.split(",")
+    if args.cuda_graph:
+        variants = with_graph_variants(variants, args.ep)
     if args.guard_ab:
         variants = [w for v in variants for w in ([v, v + NOGUARD] if v.startswith("fp8flow") and not v.endswith(NOGUARD) else [v])]
     for variant in variants:
@@ -563,6 +584,8 @@ def main():
 
     if rank == 0:
         table = format_table(results, args)
+        if args.microbatches:
+            table += "\n\n" + format_steps_table(results, args)
         print(table)
         if args.write:
             with open(args.write, "a") as f:

@@ -114,3 +114,55 @@ def test_bf16_distributed_optimizer_resume_is_exact_on_gpu(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for it in resumed:
         assert resumed[it] == full[it], (it, resumed[it], full[it])
+
+
+def _graph_worker(rank, world_size, port, extra, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from fp8flow_megatron import train
+    from fp8flow_megatron.megatron.cuda_graph import MoELayerCudaGraphs
+
+    report = {"captures": 0, "replays": 0}
+    capture, routed = MoELayerCudaGraphs._capture, MoELayerCudaGraphs.routed
+
+    def counted_capture(self, *args):
+        report["captures"] += 1
+        return capture(self, *args)
+
+    def counted_routed(self, *args):
+        before = self.num_replays
+        out = routed(self, *args)
+        report["replays"] += self.num_replays - before
+        return out
+
+    MoELayerCudaGraphs._capture, MoELayerCudaGraphs.routed = counted_capture, counted_routed
+    history = train.main(ARGS + extra + ["--output-dir", f"{tmp}/run", "--data-cache-path", f"{tmp}/cache"])
+    report["losses"] = {row["iteration"]: row["loss"] for row in history}
+    report["val_losses"] = {row["iteration"]: row["val_loss"] for row in history if "val_loss" in row}
+    return report
+
+
+@pytest.mark.parametrize("fusion", [[], ["--no-gradient-accumulation-fusion"]], ids=["default_fusion", "no_fusion"])
+def test_cuda_graphed_trainer_losses_equal_eager(tmp_path, fusion):
+    """--moe-fp8-flow-cuda-graph in the trainer (bf16, distributed optimizer, megatron's schedule, 2 micro-batches
+    per step, 2 MoE layers): the same losses bit for bit as the eager run, every iteration, with an evaluation in
+    between. Logging only at the last iteration (telemetry iterations run eager), so steps 1-5 replay graphs."""
+    iters = 6
+    extra = ["--train-iters", str(iters), "--log-interval", "100", "--moe-fp8-flow-gemm", "triton",
+             "--eval-interval", "3", "--eval-iters", "1", *fusion]
+    eager = spawn(_worker_plain, 1, extra, str(tmp_path / "eager"))[0]
+    graphed = spawn(_graph_worker, 1, extra + ["--moe-fp8-flow-cuda-graph"], str(tmp_path / "graphed"))[0]
+    assert graphed["captures"] == 2, graphed  # one per MoE layer, at its second training call
+    # 2 layers x (6 steps x 2 micro-batches - the eager first call - the logged last step's 2)
+    assert graphed["replays"] == 2 * (iters * 2 - 1 - 2), graphed
+    assert sorted(graphed["losses"]) == list(range(1, iters + 1))
+    assert graphed["losses"] == eager["losses"], (graphed["losses"], eager["losses"])
+    assert graphed["val_losses"] == eager["val_losses"] and graphed["val_losses"], graphed
+
+
+def _worker_plain(rank, world_size, port, extra, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from fp8flow_megatron import train
+
+    history = train.main(ARGS + extra + ["--output-dir", f"{tmp}/run", "--data-cache-path", f"{tmp}/cache"])
+    return {"losses": {row["iteration"]: row["loss"] for row in history},
+            "val_losses": {row["iteration"]: row["val_loss"] for row in history if "val_loss" in row}}

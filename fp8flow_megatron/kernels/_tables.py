@@ -8,8 +8,9 @@ values themselves, a cached table is always right: new addresses make a new tabl
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 
@@ -17,6 +18,20 @@ from ..numerics.format import host_to_device
 
 _MAX_TABLES = 256  # a few per MoE layer (fc1 / fc2 weights, fc1 / fc2 main_grads); old ones are dropped first
 _TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_RETAINERS: List[List[torch.Tensor]] = []
+
+
+@contextlib.contextmanager
+def retain_tables() -> Iterator[List[torch.Tensor]]:
+    """Collect every table handed out while the context is active. A CUDA graph captured meanwhile reads those tables
+    by address at every replay, so its owner keeps the list: the LRU above may drop a table, and its memory must not
+    be handed to another tensor while the graph lives."""
+    kept: List[torch.Tensor] = []
+    _RETAINERS.append(kept)
+    try:
+        yield kept
+    finally:
+        _RETAINERS.remove(kept)
 
 
 def cached_int64_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -32,4 +47,6 @@ def cached_int64_table(values: Sequence[int], device: torch.device) -> torch.Ten
             _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(key)
+    for kept in _RETAINERS:
+        kept.append(table)
     return table

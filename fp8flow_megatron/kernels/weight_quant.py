@@ -25,7 +25,7 @@ import torch
 
 from ..numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, ceil_div, check_nonfinite_flag
 from ._tables import cached_int64_table
-from ..numerics.gemm import Fp8BlockwiseStack, check_weight_stack
+from ..numerics.gemm import Fp8BlockwiseStack, check_weight_stack, check_weight_stack_out
 from ._triton import jit, require_cuda, require_triton, tl
 from .quantize import flag_arg, quantize_1x128_rows, raise_nonfinite_flag
 
@@ -92,7 +92,9 @@ def _quantize_weight_stack_kernel(
 
 
 def quantize_weight_stack_triton(
-    weights: Sequence[torch.Tensor], nonfinite_flag: Optional[torch.Tensor] = None
+    weights: Sequence[torch.Tensor],
+    nonfinite_flag: Optional[torch.Tensor] = None,
+    out: Optional[Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]] = None,
 ) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
     """128x128 quantization of all E experts of one linear in one launch; twin of numerics.gemm.quantize_weight_stack.
 
@@ -107,6 +109,9 @@ def quantize_weight_stack_triton(
         stack:   data [E, N, K] e4m3 row-major, scale_inv [E, ceil(N/128), ceil(K/128)] fp32 (fprop's B operand);
         stack_t: data [E, K, N] e4m3, scale_inv [E, ceil(K/128), ceil(N/128)] (dgrad's B operand), the exact
                  128x128 block transpose of stack.
+    out:     None, or a (stack, stack_t) pair of exactly those shapes and dtypes (an earlier result): the kernel writes
+             into it (no allocation) and returns it, so that a captured CUDA graph reading those buffers sees the
+             new codes.
     Host work: one pass over the weights (checks, addresses); the device table of the E addresses is copied once per
     set of addresses (pinned, non-blocking) and reused after that. The stream is never synchronized.
     """
@@ -124,10 +129,14 @@ def quantize_weight_stack_triton(
         raise ValueError(f"{op}: {num_experts} experts exceed the launch grid's 65535 on its expert axis")
     device = weights[0].device
     nbn, nbk = ceil_div(n, BLOCK), ceil_div(k, BLOCK)
-    data = torch.empty(num_experts, n, k, dtype=FP8_DTYPE, device=device)
-    data_t = torch.empty(num_experts, k, n, dtype=FP8_DTYPE, device=device)
-    scale_inv = torch.empty(num_experts, nbn, nbk, dtype=torch.float32, device=device)
-    scale_inv_t = torch.empty(num_experts, nbk, nbn, dtype=torch.float32, device=device)
+    if out is None:
+        data = torch.empty(num_experts, n, k, dtype=FP8_DTYPE, device=device)
+        data_t = torch.empty(num_experts, k, n, dtype=FP8_DTYPE, device=device)
+        scale_inv = torch.empty(num_experts, nbn, nbk, dtype=torch.float32, device=device)
+        scale_inv_t = torch.empty(num_experts, nbk, nbn, dtype=torch.float32, device=device)
+    else:
+        check_weight_stack_out(out, num_experts, n, k, device, op)
+        (data, scale_inv), (data_t, scale_inv_t) = (out[0].data, out[0].scale_inv), (out[1].data, out[1].scale_inv)
     if n > 0:
         require_triton(op)
         addresses = [w.data_ptr() for w in weights]
@@ -138,4 +147,7 @@ def quantize_weight_stack_triton(
             BLOCK_SIZE=BLOCK, FP8_MAX=E4M3_MAX, PTRS_ALIGNED_16=all(a % 16 == 0 for a in addresses),
             HAS_FLAG=nonfinite_flag is not None, num_warps=_NUM_WARPS,
         )  # fmt: skip
+    if out is not None:
+        return out
     return Fp8BlockwiseStack(data, scale_inv), Fp8BlockwiseStack(data_t, scale_inv_t)
+

@@ -6,6 +6,9 @@ Flags (Megatron style, usable as Megatron-LM's extra_args_provider):
                            (the `moe_expert` recompute module of upstream PR Megatron-LM#2764, as a flag because
                            megatron-core 0.16 rejects unknown --recompute-modules entries).
   --moe-fp8-flow-gemm      auto | triton | te: who runs the experts' FP8 grouped GEMMs on CUDA.
+  --moe-fp8-flow-cuda-graph  CUDA-graph capture of each FP8-Flow MoE layer's dispatch + experts + combine, forward
+                           and backward (EP=1, Triton engine; megatron/cuda_graph.py). Megatron's own CUDA graphs
+                           (--cuda-graph-impl, --enable-cuda-graph, --external-cuda-graph) stay refused with FP8-Flow.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class FP8FlowConfig:
     enabled: bool = False  # --moe-fp8-flow
     expert_recompute: bool = False  # --moe-expert-recompute
     gemm: str = DEFAULT_GEMM  # --moe-fp8-flow-gemm: who runs the experts' FP8 GEMMs on CUDA
+    # --moe-fp8-flow-cuda-graph: replay the layer's dispatch + experts + combine (fwd and bwd) from CUDA graphs; the
+    # layer is host-issue bound at EP=1 (~22-24 ms wall for ~17.5 ms of kernels at DeepSeek-V2-Lite shapes)
+    cuda_graph: bool = False
     align: int = GEMM_ALIGN  # rows per expert are padded to a multiple of this inside the dispatcher
 
     @classmethod
@@ -45,6 +51,7 @@ class FP8FlowConfig:
             enabled=bool(_get(src, "moe_fp8_flow", default=False)),
             expert_recompute=bool(_get(src, "moe_expert_recompute", default=False)),
             gemm=_get(src, "moe_fp8_flow_gemm", default=DEFAULT_GEMM) or DEFAULT_GEMM,
+            cuda_graph=bool(_get(src, "moe_fp8_flow_cuda_graph", default=False)),
         )
 
 
@@ -85,6 +92,17 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             "fp8flow_megatron's kernels, one launch per GEMM for all experts; te: TransformerEngine's grouped GEMM "
             "(one cuBLASLt call per expert); auto (default): te when a layer holds <= 32 local experts (e.g. 64 "
             "experts at EP>=2), else triton. All read the same FP8 operands.",
+        )
+    if not _has_option(parser, "--moe-fp8-flow-cuda-graph"):
+        group.add_argument(
+            "--moe-fp8-flow-cuda-graph",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="With --moe-fp8-flow at EP=1 on the Triton GEMM engine: capture each MoE layer's dispatch, experts "
+            "and combine (forward and backward) as CUDA graphs at its second training call and replay them; the "
+            "router, aux losses and shared experts stay eager, the expert weights are re-quantized eagerly once per "
+            "step into the buffers the graphs read. Bit-identical to eager. Evaluation, logged (telemetry) "
+            "iterations and a new input shape's first call run eager. Not with megatron's --cuda-graph-impl.",
         )
     return parser
 
@@ -148,6 +166,9 @@ def validation_errors(src: Any) -> List[str]:
     if not fp8_flow.enabled:
         if fp8_flow.expert_recompute:
             errors.append("--moe-expert-recompute only applies with --moe-fp8-flow. Fix: add --moe-fp8-flow or drop it.")
+        if fp8_flow.cuda_graph:
+            errors.append("--moe-fp8-flow-cuda-graph only applies with --moe-fp8-flow. Fix: add --moe-fp8-flow or drop "
+                          "it.")
         return errors
 
     def need(ok: bool, msg: str) -> None:
@@ -238,10 +259,14 @@ def validation_errors(src: Any) -> List[str]:
     need(
         graph_impl == "none" and not _get(src, "enable_cuda_graph", default=False)
         and not _get(src, "external_cuda_graph", default=False),
-        f"CUDA graphs (--cuda-graph-impl {graph_impl}, --enable-cuda-graph, --external-cuda-graph) are not supported "
-        f"with FP8-Flow yet: its experts take the per-expert token counts on the host each step, and no graph "
-        f"capture of its layers is tested. Fix: --cuda-graph-impl none.",
+        f"megatron's CUDA graphs (--cuda-graph-impl {graph_impl}, --enable-cuda-graph, --external-cuda-graph) are not "
+        f"supported with FP8-Flow: they capture whole transformer layers with megatron's own graph manager, which "
+        f"knows neither FP8-Flow's per-step weight quantization nor its device-side row groups, and no such capture "
+        f"is tested. Fix: --cuda-graph-impl none, and add --moe-fp8-flow-cuda-graph to graph the FP8-Flow MoE "
+        f"layers (EP=1, --moe-fp8-flow-gemm triton).",
     )
+    if fp8_flow.cuda_graph:
+        errors.extend(_cuda_graph_errors(src, fp8_flow))
     need(
         fp8_flow.gemm != "te" or not _cuda_without_te(),
         "--moe-fp8-flow-gemm te needs TransformerEngine, which does not import here; without it the experts would run "
@@ -254,6 +279,64 @@ def validation_errors(src: Any) -> List[str]:
         "--recompute-modules moe_act recomputes a BF16 activation FP8-Flow never stores. Fix: use "
         "--moe-expert-recompute instead.",
     )
+    return errors
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_graph_errors(src: Any, fp8_flow: FP8FlowConfig) -> List[str]:
+    """Why --moe-fp8-flow-cuda-graph cannot run with this configuration (megatron/cuda_graph.py says why each holds)."""
+    errors: List[str] = []
+    flag = "--moe-fp8-flow-cuda-graph"
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(f"{flag} {msg}")
+
+    ep = _get(src, "expert_model_parallel_size", default=1) or 1
+    experts = _get(src, "num_moe_experts", "num_experts")
+    local = experts // ep if experts else None
+    resolves_te = fp8_flow.gemm == "te" or (fp8_flow.gemm == "auto" and local is not None and local <= 32)
+    need(
+        not resolves_te,
+        f"needs the Triton GEMM engine, whose kernels read the expert row counts on the device (a capturable, "
+        f"sync-free layer); --moe-fp8-flow-gemm {fp8_flow.gemm} runs TE's grouped GEMM here, which takes host "
+        f"m_splits. Fix: --moe-fp8-flow-gemm triton.",
+    )
+    need(
+        ep == 1,
+        f"needs --expert-model-parallel-size 1 (got {ep}): with EP>1 the dispatcher's all-to-all splits are host "
+        f"values that change every step. Fix: --expert-model-parallel-size 1, or drop {flag}.",
+    )
+    pp = _get(src, "pipeline_model_parallel_size", default=1) or 1
+    need(
+        pp == 1,
+        f"needs --pipeline-model-parallel-size 1 (got {pp}): a graph keeps one micro-batch's activations, and "
+        f"pipeline schedules run several forwards before their backwards. Fix: PP=1, or drop {flag}.",
+    )
+    need(
+        not fp8_flow.expert_recompute,
+        f"does not capture --moe-expert-recompute (untested in a graph). Fix: drop --moe-expert-recompute or {flag}.",
+    )
+    modules = _get(src, "recompute_modules", default=None) or []
+    granularity = _get(src, "recompute_granularity")
+    need(
+        granularity != "full" and not (granularity == "selective" and "moe" in modules),
+        f"does not run under layer recompute (--recompute-granularity full, or --recompute-modules moe): the "
+        f"recomputed forward would replay a graph whose activations another micro-batch may own (untested). Fix: "
+        f"drop that recompute, or drop {flag}.",
+    )
+    need(
+        not (_get(src, "fine_grained_activation_offloading", default=False) or _get(src, "cpu_offloading", default=False)),
+        f"does not run with activation offloading (--fine-grained-activation-offloading / --cpu-offloading): the "
+        f"graph's saved activations live in its own memory pool, which offloading cannot move. Fix: drop the "
+        f"offloading, or drop {flag}.",
+    )
+    need(_cuda_available(), f"needs a CUDA device (none here). Fix: drop {flag} on CPU.")
     return errors
 
 
@@ -271,6 +354,7 @@ def apply_to_transformer_config(config: Any, fp8_flow: FP8FlowConfig) -> Any:
     config.moe_fp8_flow = fp8_flow.enabled
     config.moe_expert_recompute = fp8_flow.expert_recompute
     config.moe_fp8_flow_gemm = fp8_flow.gemm
+    config.moe_fp8_flow_cuda_graph = fp8_flow.cuda_graph
     return config
 
 

@@ -9,6 +9,7 @@ plain tensor (flag off), it is TEGroupedMLP.forward.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -20,7 +21,7 @@ from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
 from ..numerics.groups import RowGroups
 from ..ops.experts import WeightQuantCache, fp8_flow_experts
-from ..ops.gemm_engine import resolve_gemm_engine
+from ..ops.gemm_engine import gemm_engine_for, resolve_gemm_engine
 from .config import FP8FlowConfig
 from ..ops.fp8_tensor import Fp8FlowTensor
 
@@ -52,7 +53,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self.gemm_engine = resolve_gemm_engine(requested, num_local_experts)
         if requested != self.gemm_engine:
             log.info("fp8flow: --moe-fp8-flow-gemm %s -> %s for %d local experts", requested, self.gemm_engine, num_local_experts)
-        self._weight_cache = WeightQuantCache()
+        # persistent with --moe-fp8-flow-cuda-graph: every refresh (eager or before a graph replay) writes into the
+        # buffers the captured graphs read
+        self._weight_cache = WeightQuantCache(persistent=flow_cfg.cuda_graph and self.gemm_engine == "triton")
+        self._weights_quantized_outside = False  # set while a CUDA graph is captured (megatron/cuda_graph.py)
         self.is_first_microbatch = True  # set again by megatron's schedule at every step (see the class docstring)
         self._quantize_every_call = bool(getattr(config, "disable_parameter_transpose_cache", False))
         # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
@@ -67,10 +71,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         if not isinstance(permuted_local_hidden_states, Fp8FlowTensor):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
-        refresh = self.is_first_microbatch or self._quantize_every_call
-        self.is_first_microbatch = False
-        if refresh:
-            _wait_for_param_gather(self.linear_fc1, self.linear_fc2)
+        refresh = self._take_refresh()
         output = fp8_flow_experts(
             permuted_local_hidden_states,
             permuted_probs,
@@ -86,6 +87,38 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         )
         return output, None
 
+
+    def _take_refresh(self) -> bool:
+        """Whether this forward quantizes the weights (megatron's step signal, consumed); False while a CUDA graph
+        is captured: the graph reads the persistent codes that prepare_weights() refreshes eagerly before each
+        replay, so no quantization is recorded into it."""
+        if self._weights_quantized_outside:
+            return False
+        refresh = self.is_first_microbatch or self._quantize_every_call
+        self.is_first_microbatch = False
+        if refresh:
+            _wait_for_param_gather(self.linear_fc1, self.linear_fc2)
+        return refresh
+
+    def prepare_weights(self, device: torch.device) -> None:
+        """Eagerly, before a CUDA-graph replay of the forward: what forward would do to the weights on this call --
+        on megatron's step signal, quantize them into the persistent buffers (WeightQuantCache(persistent=True)), the
+        same kernel and guard site as inside forward, so the replay computes exactly what eager would."""
+        refresh = self._take_refresh()
+        engine = gemm_engine_for(device, self.gemm_engine, self.num_local_experts)
+        for name, linear in (("fc1", self.linear_fc1), ("fc2", self.linear_fc2)):
+            self._weight_cache.get_group(name, self._weights(linear), engine, refresh,
+                                         guard_site=f"{self.telemetry_prefix}{name}_weight")
+
+    @contextlib.contextmanager
+    def weights_quantized_outside(self):
+        """While active, forward reads the cached weight codes and never quantizes (CUDA-graph warm-up and
+        capture)."""
+        was, self._weights_quantized_outside = self._weights_quantized_outside, True
+        try:
+            yield
+        finally:
+            self._weights_quantized_outside = was
 
     def _rows(self, tokens_per_expert: torch.Tensor, x: Fp8FlowTensor):
         """The experts' row groups for the GEMM engine.

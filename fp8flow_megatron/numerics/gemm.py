@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .format import BLOCK_128X128, Fp8Blockwise
+from .format import BLOCK, BLOCK_128X128, Fp8Blockwise
 from .quantize import dequantize, quantize_128x128
 
 
@@ -116,7 +116,9 @@ def check_weight_stack(weights: Sequence[torch.Tensor], op: str) -> Tuple[int, i
 
 
 def quantize_weight_stack(
-    weights: Sequence[torch.Tensor], nonfinite_flag: Optional[torch.Tensor] = None
+    weights: Sequence[torch.Tensor],
+    nonfinite_flag: Optional[torch.Tensor] = None,
+    out: Optional[Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]] = None,
 ) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
     """128x128 quantization of all E experts of one linear, in both usages the grouped GEMMs read.
 
@@ -130,10 +132,41 @@ def quantize_weight_stack(
                  quantize_128x128(weights[e]) (fprop's B operand);
         stack_t: data [E, K, N] e4m3, scale_inv [E, ceil(K/128), ceil(N/128)] -- exactly transpose_128x128 of it
                  (dgrad's B operand; a block keeps its scale, so no requantization).
+    out:     None, or a (stack, stack_t) pair of exactly those shapes and dtypes (an earlier result): written in place
+             and returned, so that a consumer holding their addresses (a captured CUDA graph) reads the new codes.
     """
-    check_weight_stack(weights, "quantize_weight_stack")
+    num_experts, n, k = check_weight_stack(weights, "quantize_weight_stack")
+    if out is not None:
+        check_weight_stack_out(out, num_experts, n, k, weights[0].device, "quantize_weight_stack")
     stack = Fp8BlockwiseStack.quantize(weights, functools.partial(quantize_128x128, nonfinite_flag=nonfinite_flag))
-    return stack, stack.t()
+    stack_t = stack.t()
+    if out is None:
+        return stack, stack_t
+    for dst, src in zip(out, (stack, stack_t)):
+        dst.data.copy_(src.data)
+        dst.scale_inv.copy_(src.scale_inv)
+    return out
+
+
+def check_weight_stack_out(out, num_experts: int, n: int, k: int, device, op: str) -> None:
+    """The error that says what is wrong with the `out` pair of a weight-stack quantization (shared with the kernel):
+    (stack, stack_t) with data [E, N, K] / [E, K, N] e4m3 and scale_inv [E, ceil(N/128), ceil(K/128)] /
+    [E, ceil(K/128), ceil(N/128)] fp32, contiguous, on the weights' device."""
+    if len(out) != 2:
+        raise ValueError(f"{op}: out must be a (stack, stack_t) pair, got {len(out)} items")
+    nb, kb = -(-n // BLOCK), -(-k // BLOCK)
+    expected = (
+        ("stack.data", out[0].data, (num_experts, n, k), torch.float8_e4m3fn),
+        ("stack.scale_inv", out[0].scale_inv, (num_experts, nb, kb), torch.float32),
+        ("stack_t.data", out[1].data, (num_experts, k, n), torch.float8_e4m3fn),
+        ("stack_t.scale_inv", out[1].scale_inv, (num_experts, kb, nb), torch.float32),
+    )
+    for name, t, shape, dtype in expected:
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != torch.device(device) or not t.is_contiguous():
+            raise ValueError(
+                f"{op}: out {name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected a contiguous {shape} {dtype} "
+                f"on {device} (pass the pair an earlier call returned)"
+            )
 
 
 def check_wgrad_out(

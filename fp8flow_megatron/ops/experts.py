@@ -41,9 +41,13 @@ class WeightQuantCache:
     so a cache keyed on them stays at the step-0 weights forever (shared/DESIGN.md section 1).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, persistent: bool = False) -> None:
         self._entries = {}
         self.num_quantizations = 0  # per linear; read by tests and telemetry
+        # persistent: a refresh writes the new codes into the buffers already cached (the engine's quantize_weights
+        # out=) instead of replacing them, so a CUDA graph captured on those buffers reads every step's weights
+        # (ops/graphs.py, megatron/cuda_graph.py). Engines with in-place quantization (Triton) honour it.
+        self.persistent = persistent
 
     def get_group(self, name: str, weights, engine, refresh: bool, guard_site: Optional[str] = None):
         """All experts' weights of linear `name` in the engine's form (a list, or one stacked buffer): quantized anew
@@ -53,11 +57,29 @@ class WeightQuantCache:
         if not refresh and hit is not None and hit[0] == (engine.name, len(weights)):
             return hit[1]
         flag = guard.flag(guard_site, "forward", weights[0].device) if guard_site is not None and weights else None
+        # an engine without in-place quantization (the CPU reference) replaces the buffers; a graph captured on the
+        # old ones notices through addresses() and is captured again
+        in_place = (self.persistent and getattr(engine, "quantizes_in_place", False) and hit is not None
+                    and hit[0] == (engine.name, len(weights)))
         with torch.no_grad():
-            w_q = engine.quantize_weights(weights, nonfinite_flag=flag)
+            if in_place:
+                w_q = engine.quantize_weights(weights, nonfinite_flag=flag, out=hit[1])
+            else:
+                w_q = engine.quantize_weights(weights, nonfinite_flag=flag)
         self._entries[name] = ((engine.name, len(weights)), w_q)
         self.num_quantizations += 1
         return w_q
+
+    def addresses(self) -> tuple:
+        """The data addresses of every cached buffer (a CUDA graph reading them is valid while these stay)."""
+        out = []
+        for name in sorted(self._entries):
+            stack = self._entries[name][1]
+            for part in stack if isinstance(stack, (tuple, list)) else (stack,):
+                for t in (getattr(part, "data", None), getattr(part, "scale_inv", None)):
+                    if isinstance(t, torch.Tensor):
+                        out.append(t.data_ptr())
+        return tuple(out)
 
     def cached(self, name: str):
         """What the last forward of linear `name` used (None before the first one)."""

@@ -281,9 +281,11 @@ class TritonGroupedGemm:
     (the sync-free MoE layer); given host m_splits, the same kernels get them in one small pinned copy."""
 
     name = "triton"
+    quantizes_in_place = True  # quantize_weights(out=...): the persistent weight buffers a CUDA graph reads
 
-    def quantize_weights(self, weights, nonfinite_flag=None):
-        return backend_for(weights[0].device).quantize_weight_stack(weights, nonfinite_flag)
+    def quantize_weights(self, weights, nonfinite_flag=None, out=None):
+        """(stack, stack_t) of all experts' weights; out: an earlier result to write into (same shapes)."""
+        return backend_for(weights[0].device).quantize_weight_stack(weights, nonfinite_flag, out=out)
 
     @staticmethod
     def _gemm(a_q, w, rows, out_dtype):

@@ -85,6 +85,15 @@ class NonfiniteGuard:
         self._buffers[device] = grown
         return grown
 
+    def buffer_address(self, device) -> int:
+        """The address of the flag buffer on `device` (0 if none yet): a CUDA graph captured while the guard is on
+        raises flags at this address, so it is valid only while the buffer has not grown into a new one."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        buf = self._buffers.get(device)
+        return 0 if buf is None else buf.data_ptr()
+
     # --------------------------------------------------------------------------------------------------- check
     def check(self, iteration: int, phase: str = "training", group=None, collective: bool = True) -> None:
         """Raise FloatingPointError if any quantizer met an inf or NaN since the last check, then clear the flags.
