@@ -214,9 +214,11 @@ class TEGroupedTensorGemm:
             raise ValueError(f"te_grouped: K={q.data.shape[1]} must be a multiple of {ROW_ALIGN} (FP8 leading dim)")
         return groups
 
-    def _varlen(self, groups: RowGroups, width: int, **buffers):
+    def _varlen(self, groups: RowGroups, width: int, dtype=torch.bfloat16, **buffers):
+        """A varying-first-dim GroupedTensorStorage over [num_rows, width] buffers: group e has counts[e] rows at
+        element width * offsets[e] (dtype is TE's nominal high-precision dtype; TE reads the data's own)."""
         return self._storage(
-            shape=(groups.num_rows, width), dtype=torch.bfloat16, num_tensors=groups.num_groups,
+            shape=(groups.num_rows, width), dtype=dtype, num_tensors=groups.num_groups,
             first_dims=groups.counts, tensor_offsets=groups.offsets * width, **buffers,
         )  # fmt: skip
 
@@ -238,7 +240,7 @@ class TEGroupedTensorGemm:
         groups = self._groups(a_q, rows)
         out = torch.empty(groups.num_rows, n_out, dtype=out_dtype, device=a_q.device)
         if groups.num_rows and groups.num_groups:
-            d = self._varlen(groups, n_out, quantizer=None, data=out.view(-1))
+            d = self._varlen(groups, n_out, out_dtype, quantizer=None, data=out.view(-1))
             self._gemm(w.grouped, self._rowwise(a_q, groups), d, layout=layout, use_split_accumulator=True)
         return zero_tail_rows_triton(out, groups.offsets)  # rows past the groups: zero, as the varlen contract says
 
