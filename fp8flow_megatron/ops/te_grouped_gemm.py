@@ -41,6 +41,7 @@ from .backend import backend_for
 ROW_ALIGN = 16  # rows per expert: FP8 column-wise operands [K, m_e] need 16-byte leading dimensions
 CUBLASLT_MIN = 130600  # TE's gate for FP8 block scaling in the grouped-tensor GEMM on Hopper (cuBLASLt 13.6)
 HOPPER = 9
+DISCRETE_MAX = 64  # TE's kMaxGroups: the most tensors a list operand (here the wgrad outputs) may hold
 
 
 def _version_str(v: int) -> str:
@@ -257,23 +258,33 @@ class TEGroupedTensorGemm:
         groups = self._groups(g_q, rows)
         self._groups(x_q, groups)
         e, n, k = groups.num_groups, g_q.data.shape[1], x_q.data.shape[1]
-        if accumulate_into is not None:
-            outs = list(accumulate_into)
-            buffer = _one_buffer(outs, n, k)
-            target = buffer if buffer is not None else torch.empty(e, n, k, dtype=outs[0].dtype, device=g_q.device)
-        else:
-            target = torch.empty(e, n, k, dtype=dtype, device=g_q.device)
-        if e:
-            d = self._storage(shape=(e * n, k), dtype=target.dtype, num_tensors=e, shapes=[(n, k)] * e,
-                              quantizer=None, data=target.view(-1))  # fmt: skip
-            accumulate = accumulate_into is not None and buffer is not None
-            self._gemm(self._columnwise(x_q, groups), self._columnwise(g_q, groups), d, layout="NT",
-                       use_split_accumulator=True, accumulate=accumulate)  # fmt: skip
         if accumulate_into is None:
+            target = torch.empty(e, n, k, dtype=dtype, device=g_q.device)
+            if e:
+                self._wgrad_gemm(x_q, g_q, groups, self._uniform(target), accumulate=False)
             return list(target.unbind(0))
-        if buffer is None:  # separate main_grad buffers: one fp32 [E, N, K] product, then one fused add
+        outs = list(accumulate_into)
+        if not e:
+            return outs
+        buffer = _one_buffer(outs, n, k)
+        if buffer is not None:  # the accumulators are one [E, N, K] buffer: one grouped output over it
+            self._wgrad_gemm(x_q, g_q, groups, self._uniform(buffer), accumulate=True)
+        elif e <= DISCRETE_MAX:  # separate buffers (e.g. megatron's grad buffer in reverse order): TE's list output
+            self._wgrad_gemm(x_q, g_q, groups, outs, accumulate=True)
+        else:  # more than TE's list limit: one [E, N, K] product, then one fused add
+            target = torch.empty(e, n, k, dtype=outs[0].dtype, device=g_q.device)
+            self._wgrad_gemm(x_q, g_q, groups, self._uniform(target), accumulate=False)
             torch._foreach_add_(outs, list(target.unbind(0)))
         return outs
+
+    def _uniform(self, target: torch.Tensor):
+        e, n, k = target.shape
+        return self._storage(shape=(e * n, k), dtype=target.dtype, num_tensors=e, shapes=[(n, k)] * e,
+                             quantizer=None, data=target.view(-1))  # fmt: skip
+
+    def _wgrad_gemm(self, x_q, g_q, groups, out, accumulate: bool) -> None:
+        self._gemm(self._columnwise(x_q, groups), self._columnwise(g_q, groups), out, layout="NT",
+                   use_split_accumulator=True, accumulate=accumulate)  # fmt: skip
 
 
 def _one_buffer(outs: List[torch.Tensor], n: int, k: int) -> Optional[torch.Tensor]:
