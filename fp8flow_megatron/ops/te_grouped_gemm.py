@@ -38,7 +38,9 @@ from ..numerics.gemm import Fp8BlockwiseStack
 from ..numerics.groups import RowGroups
 from .backend import backend_for
 
-ROW_ALIGN = 16  # rows per expert: FP8 column-wise operands [K, m_e] need 16-byte leading dimensions
+# Rows per expert: TE pads grouped FP8 block-scaled operands to get_align_size_for_quantization(recipe) = 16 (and its
+# GroupedLinear tests run such splits with an empty group); the column-wise [K, m_e] operands need 16-byte leading dims.
+ROW_ALIGN = 16
 CUBLASLT_MIN = 130600  # TE's gate for FP8 block scaling in the grouped-tensor GEMM on Hopper (cuBLASLt 13.6)
 HOPPER = 9
 DISCRETE_MAX = 64  # TE's kMaxGroups: the most tensors a list operand (here the wgrad outputs) may hold
