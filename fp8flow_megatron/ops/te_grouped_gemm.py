@@ -21,7 +21,9 @@ column-wise); TE forces FP8 block scaling to TN on Hopper and picks the column-w
 Requirements (te_grouped_support says which one fails): TE in the tested range with the grouped-tensor API, Hopper
 (TE's FP8 block-scaling grouped GEMM is SM90 only), and a run-time cuBLASLt >= 13.6 (TE's own gate in
 grouped_linear.is_module_grouped_tensor_path_supported: 13.6 fixes the grouped algorithm choice for block-scaled FP8
-on Hopper). Every expert's rows must be a multiple of 16 (FP8 leading dimensions of 16 bytes for the column-wise
+on Hopper). TE's C++ also gates on the cuBLAS headers it was built with (Hopper grouped GEMM compiled in only for
+CUBLAS_VERSION >= 13.4): a TE wheel built against older headers fails at the first GEMM with "requires Blackwell",
+which te_grouped_support cannot see from Python. Every expert's rows must be a multiple of 16 (FP8 leading dimensions of 16 bytes for the column-wise
 [K, m_e] operands; the dispatcher pads to 16): a RowGroups must carry align % 16 == 0, host counts are checked.
 """
 
