@@ -76,7 +76,7 @@ def _te_error() -> Optional[str]:
 
     try:
         _te()
-    except ImportError as err:
+    except (ImportError, OSError) as err:  # OSError: a missing shared library of TE's extension
         return f"TransformerEngine does not import ({err}); pip install 'transformer-engine[pytorch]==2.20.2'"
     except RuntimeError as err:  # outside the supported range: _te's message carries the fix
         return str(err)
