@@ -14,7 +14,10 @@ checked against the fp32 product of the dequantized operands (relative Frobenius
 Timing: scripts/bench_kernels.py's time_us (CUDA events, median of --iters after --warmup, a spin kernel ahead of each
 call so the numbers are GPU time, operand sets rotated to exceed 3x L2). TE GroupedLinear columns time the module
 (fprop = forward incl. TE's input quantization with cached FP8 weights; dgrad = backward with delay_wgrad_compute;
-wgrad = backward_dw), so they include TE's own quantization kernels; "TE gemm" is general_grouped_gemm on our operands.
+wgrad = backward_dw), so they include TE's own quantization kernels; "TE gemm" is general_grouped_gemm on our operands;
+"ours_te_grouped" is our operands in TE's single-launch grouped-tensor GEMM (the te_grouped engine, counts on the
+device; its wgrad includes two grouped scaling-aware transposes): needs Hopper and a run-time cuBLASLt >= 13.6, e.g.
+    LD_PRELOAD="<cublas-13.6>/libcublasLt.so.13 <cublas-13.6>/libcublas.so.13" python scripts/bench_grouped_gemm.py
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ IMPLS = [  # (key, column label)
     ("te_gemm", "TE gemm per-expert (our operands)"),
     ("ceiling", "dense cuBLAS FP8 (_scaled_mm)"),
     ("ours", "ours: Triton FP8 grouped"),
+    ("ours_te_grouped", "ours into TE grouped-tensor GEMM (te_grouped)"),
 ]
 IMPL_KEYS = [k for k, _ in IMPLS]
 
@@ -180,7 +184,8 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def format_table(results: Sequence[Result], impls: Sequence[str] = IMPL_KEYS) -> List[str]:
     labels = dict(IMPLS)
-    head = ["GEMM", "shape"] + [labels[i] for i in impls] + ["ours / ceiling", "ours / BF16 grouped"]
+    head = ["GEMM", "shape"] + [labels[i] for i in impls] + ["ours / ceiling", "ours / BF16 grouped",
+                                                          "te_grouped / ceiling"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r.gemm, r.shape.label()]
@@ -191,6 +196,8 @@ def format_table(results: Sequence[Result], impls: Sequence[str] = IMPL_KEYS) ->
         vs = _ratio(r.tf("ours"), r.tf("bf16_grouped_mm"))
         cells.append(f"{100 * pct:.0f}%" if pct is not None else "n/a")
         cells.append(f"{vs:.2f}x" if vs is not None else "n/a")
+        pct_tg = _ratio(r.tf("ours_te_grouped"), r.tf("ceiling"))
+        cells.append(f"{100 * pct_tg:.0f}%" if pct_tg is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -448,6 +455,33 @@ def build_te_gemm(p: Problem, gemm: str):
     return fn, [(s["x_q"], s["dy_q"]) for s in p.sets]
 
 
+def build_te_grouped(p: Problem, gemm: str):
+    """Our operands into TE's single-launch grouped-tensor GEMM (the 'te_grouped' engine, ops/te_grouped_gemm.py),
+    counts on the device (a RowGroups); unsupported (cuBLASLt < 13.6, not Hopper, no TE) raises with the reason."""
+    import torch
+
+    from fp8flow_megatron.numerics.groups import RowGroups
+    from fp8flow_megatron.ops.te_grouped_gemm import TEGroupedTensorGemm, te_grouped_support
+
+    ok, reason = te_grouped_support()
+    if not ok:
+        raise RuntimeError(reason)  # the cell reads "n/a (RuntimeError: <reason>)"
+    if getattr(p, "_tg_engine", None) is None:
+        p._tg_engine = TEGroupedTensorGemm()
+        p._tg_weights = p._tg_engine.quantize_weights(list(p.w_bf.unbind(0)))
+        p._tg_groups = RowGroups.from_counts(p.splits_dev, p.shape.m_total, 16)
+    engine, w, groups = p._tg_engine, p._tg_weights, p._tg_groups
+
+    def fn(x_q, dy_q):
+        if gemm == "fprop":
+            return engine.fprop(x_q, w, groups, torch.bfloat16)
+        if gemm == "dgrad":
+            return engine.dgrad(dy_q, w, groups, torch.bfloat16)
+        return engine.wgrad(dy_q, x_q, groups, torch.bfloat16)  # incl. its two grouped transposes
+
+    return fn, [(s["x_q"], s["dy_q"]) for s in p.sets]
+
+
 def te_status() -> Tuple[Optional[dict], str]:
     """TE's modules and whether the grouped-tensor path is usable (TE's own predicate), with the cuBLASLt version."""
     try:
@@ -599,6 +633,7 @@ def bench_shape(shape: GemmShape, gemms: Sequence[str], env: Optional[dict], arg
             res[gemm].notes["ceiling"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
             print(f"  {gemm:5s} ceiling unavailable: {exc}", flush=True)
     measure(res, "ours", p, gemms, build_ours, args)
+    measure(res, "ours_te_grouped", p, gemms, build_te_grouped, args)  # n/a with te_grouped_support()'s reason
     if "wgrad" in gemms:  # how much of ours' wgrad time is its two scaling-aware transposes
         from fp8flow_megatron.kernels.transpose import scaling_aware_transpose_buffers
 

@@ -18,6 +18,9 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   <fp8flow variant>_graph  --cuda-graph: the same layer with --moe-fp8-flow-cuda-graph (EP=1, Triton engine, no
                   expert recompute), captured at its second call; --microbatches N[,M]: per-step tables of one weight
                   re-quantization + N fwd+bwd with wall, host-issue and kernel time (scripts/bench_moe_layer_steps.py)
+  fp8flow_te_grouped, fp8flow_recomp_te_grouped  the te_grouped engine: TE's single-launch grouped-tensor GEMM on the
+                  pre-quantized FP8, counts on the device; needs Hopper and a run-time cuBLASLt >= 13.6 (LD_PRELOAD
+                  one), skipped with te_grouped_support()'s reason otherwise
   <any fp8flow variant>_noguard  the same with the non-finite guard off (FP8FLOW_NONFINITE_GUARD=0: no flag is passed
                   to the quantizers); --guard-ab adds one per fp8flow variant and reports the guard's cost
 Every timed fwd+bwd is a training step of one micro-batch: the FP8 weight caches (TE's, FP8-Flow's) are marked stale
@@ -107,7 +110,7 @@ def build_layer(variant: str, args):
     )
     cfg.moe_fp8_flow = flow
     cfg.moe_expert_recompute = flow and "recomp" in variant
-    cfg.moe_fp8_flow_gemm = "te" if variant.endswith("_te") else "triton" if variant.endswith("_triton") else "auto"
+    cfg.moe_fp8_flow_gemm = next((e for e in ("te_grouped", "te", "triton") if variant.endswith("_" + e)), "auto")
     cfg.moe_fp8_flow_cuda_graph = graphed
     spec = get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
     if flow:
@@ -543,7 +546,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size; > 1 under torchrun, one process per GPU")
-    ap.add_argument("--variants", default="bf16,te_blockwise,fp8flow,fp8flow_recomp,fp8flow_triton,fp8flow_te")
+    ap.add_argument("--variants", default="bf16,te_blockwise,fp8flow,fp8flow_recomp,fp8flow_triton,fp8flow_te,"
+                                          "fp8flow_te_grouped,fp8flow_recomp_te_grouped")
     ap.add_argument("--profile", action="store_true", help="print the top kernels by GPU time per variant")
     ap.add_argument("--write", default=None, help="append the table to this markdown file (rank 0)")
     ap.add_argument("--guard-ab", action="store_true",
@@ -577,7 +581,17 @@ def main():
         variants = with_graph_variants(variants, args.ep)
     if args.guard_ab:
         variants = [w for v in variants for w in ([v, v + NOGUARD] if v.startswith("fp8flow") and not v.endswith(NOGUARD) else [v])]
+    skipped = {}
     for variant in variants:
+        if variant.removesuffix(NOGUARD).endswith("_te_grouped"):
+            from fp8flow_megatron.ops.te_grouped_gemm import te_grouped_support
+
+            ok, reason = te_grouped_support()
+            if not ok:  # the same answer on every rank (same host, same libraries)
+                skipped[variant] = reason
+                if rank == 0:
+                    print(f"{variant}: skipped ({reason})", flush=True)
+                continue
         results[variant] = run_variant(variant, state, x, g, ref, args)
         if rank == 0:
             print(f"{variant}: done ({results[variant]['ms']:.2f} ms)", flush=True)
@@ -586,6 +600,7 @@ def main():
         table = format_table(results, args)
         if args.microbatches:
             table += "\n\n" + format_steps_table(results, args)
+        table += "".join(f"\n\n{v}: skipped ({why})" for v, why in skipped.items())
         print(table)
         if args.write:
             with open(args.write, "a") as f:

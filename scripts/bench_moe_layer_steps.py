@@ -29,7 +29,7 @@ def supports_graph(variant: str, ep: int) -> bool:
     """Whether <variant>_graph exists: FP8-Flow at EP=1 on the Triton engine, without expert recompute."""
     if ep != 1 or not variant.startswith("fp8flow") or "recomp" in variant or variant.endswith(GRAPH):
         return False
-    return not variant.endswith("_te")  # "fp8flow" (auto) resolves to Triton with 64 local experts
+    return not variant.endswith(("_te", "_te_grouped"))  # "fp8flow" (auto) resolves to Triton with 64 local experts
 
 
 def with_graph_variants(variants: Sequence[str], ep: int) -> List[str]:

@@ -67,10 +67,11 @@ def _fake_results():
 def test_table_and_targets():
     results, us = _fake_results()
     table = bg.format_table(results)
-    assert len(table) == 4 and table[0].count("|") == len(bg.IMPLS) + 5
+    assert len(table) == 4 and table[0].count("|") == len(bg.IMPLS) + 6
     assert "| fprop | ep1-fc1 (64x1,536, 2048->2816) | 753 | n/a |" in table[2]
     assert "n/a (not available (cuBLASLt 13.1.0))" in table[2] and "| 1,050 |" in table[2]
-    assert table[2].endswith("| 98% | 1.39x |") and table[3].endswith("| 40% | 0.66x |")
+    assert table[2].endswith("| 98% | 1.39x | n/a |") and table[3].endswith("| 40% | 0.66x | n/a |")
+    assert "ours into TE grouped-tensor GEMM (te_grouped)" in table[0] and "te_grouped / ceiling" in table[0]
     wq = [bg.WeightQuant(bg.SHAPES["ep1-fc1"], us=500.0, bytes=10**9, copy_bw=4e12, exact=True)]
     assert wq[0].ms == 0.5 and wq[0].pct_copy == pytest.approx(50.0)
     targets = bg.target_lines(results, wq)

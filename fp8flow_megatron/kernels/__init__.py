@@ -10,6 +10,7 @@ defaults and results, bit-identical wherever the twin is exact. The backend is t
 | fp8_grouped_gemm_nt_triton, fp8_grouped_wgrad_triton | numerics.gemm.fp8_grouped_gemm_nt, fp8_grouped_wgrad | Triton |
 | fp8_varlen_gemm_nt_triton, fp8_varlen_wgrad_triton (row groups on the device) | numerics.gemm.fp8_varlen_gemm_nt, fp8_varlen_wgrad | Triton (+ CUDA transposes) |
 | quantize_weight_stack_triton | numerics.gemm.quantize_weight_stack | Triton |
+| zero_tail_rows_triton | numerics.groups.zero_tail_rows | Triton |
 
 Importing this package needs neither a GPU nor Triton; calling a kernel without them raises with the reason.
 """
@@ -23,6 +24,7 @@ from .grouped_gemm import (
 from .permute import permute_pad_rows_triton, unpermute_unpad_rows_triton
 from .quantize import quantize_1x128_triton
 from .swiglu import weighted_swiglu_quant_backward_triton, weighted_swiglu_quant_triton
+from .tail_rows import zero_tail_rows_triton
 from .transpose import ColumnwiseGemmReady, scaling_aware_transpose_cuda
 from .weight_quant import quantize_weight_stack_triton
 
@@ -39,4 +41,5 @@ __all__ = [
     "unpermute_unpad_rows_triton",
     "weighted_swiglu_quant_backward_triton",
     "weighted_swiglu_quant_triton",
+    "zero_tail_rows_triton",
 ]

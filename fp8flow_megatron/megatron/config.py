@@ -5,7 +5,7 @@ Flags (Megatron style, usable as Megatron-LM's extra_args_provider):
   --moe-expert-recompute   Expert-level recompute: keep only the FP8 fc1 input and recompute fc1 -> SwiGLU in backward
                            (the `moe_expert` recompute module of upstream PR Megatron-LM#2764, as a flag because
                            megatron-core 0.16 rejects unknown --recompute-modules entries).
-  --moe-fp8-flow-gemm      auto | triton | te: who runs the experts' FP8 grouped GEMMs on CUDA.
+  --moe-fp8-flow-gemm      auto | triton | te | te_grouped: who runs the experts' FP8 grouped GEMMs on CUDA.
   --moe-fp8-flow-cuda-graph  CUDA-graph capture of each FP8-Flow MoE layer's dispatch + experts + combine, forward
                            and backward (EP=1, Triton engine; megatron/cuda_graph.py). Megatron's own CUDA graphs
                            (--cuda-graph-impl, --enable-cuda-graph, --external-cuda-graph) stay refused with FP8-Flow.
@@ -26,6 +26,7 @@ BLOCK = 128
 
 
 # "triton": one Triton launch per grouped GEMM for all experts; "te": TE's grouped GEMM (one cuBLASLt call per expert);
+# "te_grouped": TE's single-launch grouped-tensor GEMM (Hopper, cuBLASLt >= 13.6; ops/te_grouped_gemm.py);
 # "auto" (default): te for a layer with <= 32 local experts, else triton -- each where it measured faster
 # (ops.gemm_engine.resolve_gemm_engine, BENCHMARKS.md).
 DEFAULT_GEMM = "auto"
@@ -90,8 +91,9 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             default=DEFAULT_GEMM,
             help="With --moe-fp8-flow on CUDA: who runs the experts' blockwise-FP8 grouped GEMMs. triton: "
             "fp8flow_megatron's kernels, one launch per GEMM for all experts; te: TransformerEngine's grouped GEMM "
-            "(one cuBLASLt call per expert); auto (default): te when a layer holds <= 32 local experts (e.g. 64 "
-            "experts at EP>=2), else triton. All read the same FP8 operands.",
+            "(one cuBLASLt call per expert); te_grouped: TE's single-launch grouped-tensor GEMM, counts on the device "
+            "(Hopper, TE 2.20, run-time cuBLASLt >= 13.6); auto (default): te when a layer holds <= 32 local experts "
+            "(e.g. 64 experts at EP>=2), else triton. All read the same FP8 operands.",
         )
     if not _has_option(parser, "--moe-fp8-flow-cuda-graph"):
         group.add_argument(
@@ -156,6 +158,18 @@ def _cuda_without_te() -> bool:
     return torch.cuda.is_available() and not te_available()
 
 
+def _te_grouped_unsupported() -> str:
+    """Why the te_grouped engine cannot run on this GPU ("" when it can, and on CPU, where the experts run the
+    numerics spec whatever the engine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    from ..ops.te_grouped_gemm import te_grouped_support
+
+    return te_grouped_support()[1]
+
+
 def validation_errors(src: Any) -> List[str]:
     """Every reason the configuration cannot run FP8-Flow, as actionable messages (empty when fine or disabled).
 
@@ -177,7 +191,7 @@ def validation_errors(src: Any) -> List[str]:
 
     need(
         fp8_flow.gemm in GEMM_ENGINES,
-        f"--moe-fp8-flow-gemm is {fp8_flow.gemm!r}. Fix: --moe-fp8-flow-gemm auto (default), triton or te "
+        f"--moe-fp8-flow-gemm is {fp8_flow.gemm!r}. Fix: --moe-fp8-flow-gemm auto (default), triton, te or te_grouped "
         f"(YAML moe_fp8_flow_gemm: auto).",
     )
     fmt = _get(src, "fp8", "fp8_format")
@@ -272,6 +286,11 @@ def validation_errors(src: Any) -> List[str]:
         "--moe-fp8-flow-gemm te needs TransformerEngine, which does not import here; without it the experts would run "
         "the dequantize -> fp32 reference GEMMs (orders of magnitude slower). Fix: pip install "
         "'transformer-engine[pytorch]>=2.12', or --moe-fp8-flow-gemm triton (or auto).",
+    )
+    te_grouped_reason = _te_grouped_unsupported() if fp8_flow.gemm == "te_grouped" else ""
+    need(
+        not te_grouped_reason,
+        f"--moe-fp8-flow-gemm te_grouped cannot run here: {te_grouped_reason}.",
     )
     modules = _get(src, "recompute_modules", default=None) or []
     need(

@@ -126,9 +126,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         triton: a RowGroups on x's device. From the sync-free EP=1 dispatcher, tokens_per_expert is a device tensor
         (padded counts over a worst-case buffer of x's rows) and the offsets are computed on the device: nothing is
         read on the host. From host counts (EP > 1, or the TE-sized layout), one small pinned copy.
+        te_grouped: the same RowGroups (TE's grouped-tensor GEMM reads the counts on the device).
         te: host m_splits, as TE's API needs them (a device -> host read if the counts are on the device).
         """
-        if self.gemm_engine == "triton":
+        if self.gemm_engine in ("triton", "te_grouped"):
             if tokens_per_expert.is_cuda:
                 return RowGroups.from_counts(tokens_per_expert, x.shape[0], self.align)
             return RowGroups.from_splits(tokens_per_expert.tolist(), x.device, x.shape[0])  # host counts: no sync

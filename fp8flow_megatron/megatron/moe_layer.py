@@ -34,9 +34,10 @@ class FP8FlowMoELayer(MoELayer):
             )
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
-            # The Triton GEMM engine takes the expert counts on the device, so at EP=1 the dispatcher never reads
-            # them on the host (sync-free); TE's grouped GEMM needs host m_splits, so with it the counts are read once.
-            self.token_dispatcher.sync_free = getattr(self.experts, "gemm_engine", None) == "triton"
+            # The Triton and te_grouped GEMM engines take the expert counts on the device, so at EP=1 the dispatcher
+            # never reads them on the host (sync-free); TE's per-expert grouped GEMM ("te") needs host m_splits, so
+            # with it the counts are read once.
+            self.token_dispatcher.sync_free = getattr(self.experts, "gemm_engine", None) in ("triton", "te_grouped")
         self.cuda_graphs = None
         if self.fp8_flow.enabled and self.fp8_flow.cuda_graph:
             from .cuda_graph import MoELayerCudaGraphs

@@ -118,3 +118,10 @@ class RowGroups:
         if self.align > 1 and any(s % self.align for s in splits):
             raise ValueError(f"{op}: group counts {splits} are not all multiples of align={self.align}")
         return splits
+
+
+def zero_tail_rows(y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """y [num_rows, N] with rows offsets[-1] .. num_rows - 1 (the tail, past every group) set to zero, in place;
+    offsets: int64 [E + 1] (RowGroups.offsets). Returns y. Reads offsets[-1] on the host (the CPU spec)."""
+    y[int(offsets[-1]) :] = 0
+    return y

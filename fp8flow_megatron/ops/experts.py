@@ -224,11 +224,13 @@ def fp8_flow_experts(
     probs:       [N] fp32 routing weights (0 on padding rows); receives a gradient.
     m_splits:    rows per expert: python ints summing to N, or a numerics.groups.RowGroups (the groups on the
                  device over N worst-case rows, each a multiple of its align; rows past the last group are zero
-                 padding and come back as zero rows). With a RowGroups and the "triton" engine nothing here reads
-                 device memory on the host: the sync-free path. The "te" engine reads a RowGroups' counts (a sync).
+                 padding and come back as zero rows). With a RowGroups and the "triton" or "te_grouped" engine nothing
+                 here reads device memory on the host: the sync-free path. The "te" engine reads a RowGroups' counts
+                 (a sync).
     fc1_weights: per expert [2F, H] (gate rows first); fc2_weights: per expert [H, F].
     cache:       the layer's WeightQuantCache (None: a fresh one, i.e. quantize now).
-    gemm_engine: "triton" (one launch per GEMM for all experts), "te" (TE's grouped GEMM) or "auto" (by the number
+    gemm_engine: "triton" (one launch per GEMM for all experts), "te" (TE's grouped GEMM), "te_grouped" (TE's
+                 single-launch grouped-tensor GEMM, ops/te_grouped_gemm.py) or "auto" (by the number
                  of experts: ops.gemm_engine.resolve_gemm_engine); CPU always runs the reference.
     refresh_weights: quantize the weights anew (the first micro-batch of an optimizer step, or evaluation after
                  one); False reuses the cache's codes from earlier in the step.

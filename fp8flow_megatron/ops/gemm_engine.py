@@ -8,6 +8,8 @@ operands that were quantized outside TE and are wrapped as Float8BlockwiseQTenso
     wgrad  "NT": dW = dy^T x      both column-wise, made by the CUDA scaling-aware transpose in TE's scale layout
 Every non-empty expert's row count must be a multiple of 8 for TE's blockwise GEMM (the dispatcher pads to 16).
 TritonGroupedGemm (CUDA): one Triton launch per GEMM for all experts (fp8flow_megatron.kernels.grouped_gemm).
+TEGroupedTensorGemm ("te_grouped", ops/te_grouped_gemm.py; Hopper, TE 2.20 and a run-time cuBLASLt >= 13.6): our
+operands into TE's single-launch grouped-tensor GEMM, counts read on the device (sync-free given a RowGroups).
 
 The rows argument of fprop / dgrad / wgrad (`rows`) is either the host row counts per expert (a list summing to the
 operand's rows) or a numerics.groups.RowGroups: the groups described on the device over a worst-case buffer, the
@@ -310,20 +312,33 @@ class TritonGroupedGemm:
         return list(wgrad(g_q, x_q, m_splits, dtype).unbind(0))
 
 
-GEMM_ENGINES = ("auto", "triton", "te")
+GEMM_ENGINES = ("auto", "triton", "te", "te_grouped")
 # "auto" picks by the number of local experts, from the layer benchmarks in BENCHMARKS.md (DeepSeek-V2-Lite MoE layer,
 # 16k tokens per GPU): with 64 local experts (EP=1, H100) the Triton engine was 1.7x faster than TE's, whose one
 # cuBLASLt call per expert makes the layer host-bound; with 32, 16 and 8 (EP=2, 4, 8 on H200) TE's was 1.12x, 1.12x
 # and 1.15x faster -- fewer calls, and cuBLAS's FP8 kernels beat ours on the GPU at 3k-12k rows per expert.
 AUTO_TE_MAX_LOCAL_EXPERTS = 32
+# Whether "auto" takes te_grouped wherever te_grouped_support() says it can run. Decided by the GPU measurement
+# (scripts/bench_grouped_gemm.py column ours_te_grouped, scripts/bench_moe_layer.py variants fp8flow_te_grouped):
+# until it is measured, auto keeps its choice above.
+AUTO_PREFERS_TE_GROUPED = False
+
+
+def _te_grouped_ok() -> bool:
+    from .te_grouped_gemm import te_grouped_support
+
+    return te_grouped_support()[0]
 
 
 def resolve_gemm_engine(name: str, num_local_experts: int) -> str:
-    """The concrete engine ("triton" or "te") for a --moe-fp8-flow-gemm value and a layer's local expert count."""
+    """The concrete engine ("triton", "te" or "te_grouped") for a --moe-fp8-flow-gemm value and a layer's local
+    expert count."""
     if name not in GEMM_ENGINES:
         raise ValueError(f"unknown FP8-Flow GEMM engine {name!r}; choose one of {GEMM_ENGINES}")
     if name != "auto":
         return name
+    if AUTO_PREFERS_TE_GROUPED and _te_grouped_ok():
+        return "te_grouped"
     return "te" if num_local_experts <= AUTO_TE_MAX_LOCAL_EXPERTS and te_available() else "triton"
 
 
@@ -332,15 +347,25 @@ def _te_engine():
     return TEGroupedGemm()
 
 
+@functools.lru_cache(maxsize=None)
+def _te_grouped_engine():
+    from .te_grouped_gemm import TEGroupedTensorGemm
+
+    return TEGroupedTensorGemm()
+
+
 def gemm_engine_for(device: torch.device, name: str = "te", num_local_experts: int = 0):
     """On CUDA: TE's grouped GEMM ("te"; without TE, or a TE outside the supported range, it raises with the fix), the
-    single-launch Triton kernels ("triton"), or "auto" (resolve_gemm_engine: "te" only where TE imports). On CPU: the
+    single-launch Triton kernels ("triton"), TE's single-launch grouped-tensor GEMM ("te_grouped"; where
+    te_grouped_support() is false it raises with the reason), or "auto" (resolve_gemm_engine). On CPU: the
     reference (the numerics spec)."""
     name = resolve_gemm_engine(name, num_local_experts)
     if torch.device(device).type != "cuda":
         return ReferenceGemm()
     if name == "triton":
         return TritonGroupedGemm()
+    if name == "te_grouped":
+        return _te_grouped_engine()  # raises with te_grouped_support()'s reason
     if not te_available():
         raise RuntimeError(
             "fp8flow: the 'te' FP8 grouped-GEMM engine needs TransformerEngine, which does not import here (the "

@@ -1,4 +1,5 @@
-"""On the GPU: the FP8-Flow MoE layer at EP=1 with the Triton GEMM engine is sync-free (issue 16 item 1).
+"""On the GPU: the FP8-Flow MoE layer at EP=1 with the Triton GEMM engine is sync-free (issue 16 item 1); the same
+for the te_grouped engine (issue 15; skipped where te_grouped_support() is false).
 
 After one warm-up fwd+bwd (Triton compilation and autotuning, the cached device address tables, the dummy wgrad
 buffers: these may synchronize), a whole forward + backward -- router, cast #1, device-built row maps, permute, fc1,
@@ -17,11 +18,11 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _triton_layer(num_experts, topk, hidden, ffn, dtype, recompute=False):
+def _triton_layer(num_experts, topk, hidden, ffn, dtype, recompute=False, engine="triton"):
     from tests.megatron.mcore_env import moe_config, moe_layer
 
     cfg = moe_config(True, num_experts=num_experts, topk=topk, hidden=hidden, ffn=ffn, params_dtype=dtype)
-    cfg.moe_fp8_flow_gemm = "triton"
+    cfg.moe_fp8_flow_gemm = engine
     cfg.moe_expert_recompute = recompute
     return moe_layer(cfg).cuda()
 
@@ -63,17 +64,32 @@ CASES = {
 }
 
 
+def _equal(engine, a, b):
+    # triton: the same kernels and tiles on both paths, bit for bit. te_grouped: cuBLAS may pick another grouped
+    # algorithm for the worst-case logical shape (its average-rows hint), so accumulation order may differ.
+    if engine == "triton":
+        return torch.equal(a, b)
+    return float((a.float() - b.float()).norm()) <= 1e-2 * float(b.float().norm()) + 1e-6
+
+
+@pytest.mark.parametrize("engine", ["triton", "te_grouped"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_sync_free_layer_never_syncs_and_equals_host_count_path(megatron_gpu, clean_guard, case):
+def test_sync_free_layer_never_syncs_and_equals_host_count_path(megatron_gpu, clean_guard, case, engine):
+    if engine == "te_grouped":
+        from fp8flow_megatron.ops.te_grouped_gemm import te_grouped_support
+
+        ok, reason = te_grouped_support()
+        if not ok:
+            pytest.skip(f"te_grouped unsupported here: {reason}")
     # the non-finite guard stays on: every quantizer of the measured pass raises its flag on the device (no sync);
     # only the trainer's check (clean_guard.check below, outside the sync-checked region) reads the flags
     assert clean_guard.enabled, "run with the non-finite guard on (FP8FLOW_NONFINITE_GUARD unset)"
     num_experts, topk, seq, hidden, ffn, dtype, recompute, fuse = CASES[case]
     torch.manual_seed(0)
-    sync_free = _triton_layer(num_experts, topk, hidden, ffn, dtype, recompute)
-    host = _triton_layer(num_experts, topk, hidden, ffn, dtype, recompute)
+    sync_free = _triton_layer(num_experts, topk, hidden, ffn, dtype, recompute, engine)
+    host = _triton_layer(num_experts, topk, hidden, ffn, dtype, recompute, engine)
     host.load_state_dict(sync_free.state_dict())
-    assert sync_free.experts.gemm_engine == "triton" and sync_free.token_dispatcher.sync_free
+    assert sync_free.experts.gemm_engine == engine and sync_free.token_dispatcher.sync_free
     host.token_dispatcher.sync_free = False
     with torch.no_grad():  # a quarter of the experts starve (empty experts), the rest are uneven
         for layer in (sync_free, host):
@@ -99,12 +115,12 @@ def test_sync_free_layer_never_syncs_and_equals_host_count_path(megatron_gpu, cl
     torch.cuda.synchronize()
     d = sync_free.token_dispatcher
     assert d._src1.numel() == seq * 2 * topk + num_experts * 15  # the worst-case buffer
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert _equal(engine, got[0], ref[0]) and _equal(engine, got[1], ref[1])
     assert got[2].keys() == ref[2].keys()
     for name, v in ref[2].items():
         assert (got[2][name] is None) == (v is None), name
         if v is not None:
-            assert torch.equal(got[2][name], v), name
+            assert _equal(engine, got[2][name], v), name
     assert torch.isfinite(got[0].float()).all() and torch.isfinite(got[1].float()).all()
     prefix = sync_free.token_dispatcher.telemetry_prefix
     sites = {site for site, _ in clean_guard._names}
