@@ -316,15 +316,28 @@ def _cuda_graph_errors(src: Any, fp8_flow: FP8FlowConfig) -> List[str]:
         if not ok:
             errors.append(f"{flag} {msg}")
 
+    import os
+
+    # Known broken in training (H200, 2026-12-02): the layer captures and replays bit-identically on its own
+    # (tests/ops/test_gpu_cuda_graph_layer.py), but inside the trainer (megatron-core's schedule, DDP, distributed
+    # optimizer) the backward capture fails with cudaErrorStreamCaptureImplicit (an op on the legacy stream during
+    # capture, not yet located), and the captured layer measured 0.93x its eager twin (BENCHMARKS.md). Until both are
+    # fixed the flag is refused unless asked for explicitly, rather than crashing a run at its second step.
+    need(
+        os.environ.get("FP8FLOW_EXPERIMENTAL_CUDA_GRAPH") == "1",
+        "is experimental and known to fail inside megatron's training loop (backward capture: "
+        "cudaErrorStreamCaptureImplicit), and it measured no speedup (0.93x eager). Fix: drop the flag; to try it "
+        "anyway (layer benchmarks, debugging), set FP8FLOW_EXPERIMENTAL_CUDA_GRAPH=1.",
+    )
     ep = _get(src, "expert_model_parallel_size", default=1) or 1
     experts = _get(src, "num_moe_experts", "num_experts")
     local = experts // ep if experts else None
-    resolves_te = fp8_flow.gemm == "te" or (fp8_flow.gemm == "auto" and local is not None and local <= 32)
+    resolves_te = fp8_flow.gemm in ("te", "te_grouped") or (fp8_flow.gemm == "auto" and local is not None and local <= 32)
     need(
         not resolves_te,
         f"needs the Triton GEMM engine, whose kernels read the expert row counts on the device (a capturable, "
-        f"sync-free layer); --moe-fp8-flow-gemm {fp8_flow.gemm} runs TE's grouped GEMM here, which takes host "
-        f"m_splits. Fix: --moe-fp8-flow-gemm triton.",
+        f"sync-free layer); --moe-fp8-flow-gemm {fp8_flow.gemm} runs TE's grouped GEMM here (host m_splits for te; "
+        f"te_grouped's capture is untested). Fix: --moe-fp8-flow-gemm triton.",
     )
     need(
         ep == 1,

@@ -318,10 +318,11 @@ GEMM_ENGINES = ("auto", "triton", "te", "te_grouped")
 # cuBLASLt call per expert makes the layer host-bound; with 32, 16 and 8 (EP=2, 4, 8 on H200) TE's was 1.12x, 1.12x
 # and 1.15x faster -- fewer calls, and cuBLAS's FP8 kernels beat ours on the GPU at 3k-12k rows per expert.
 AUTO_TE_MAX_LOCAL_EXPERTS = 32
-# Whether "auto" takes te_grouped wherever te_grouped_support() says it can run. Decided by the GPU measurement
-# (scripts/bench_grouped_gemm.py column ours_te_grouped, scripts/bench_moe_layer.py variants fp8flow_te_grouped):
-# until it is measured, auto keeps its choice above.
-AUTO_PREFERS_TE_GROUPED = False
+# "auto" takes te_grouped wherever te_grouped_support() says it can run (Hopper, run-time cuBLASLt >= 13.6), from
+# the H200 measurement of 2026-12-02 (BENCHMARKS.md): on our operands it ran fprop/dgrad at 1,058-1,091 TFLOP/s vs
+# 591-652 for our Triton kernels, wgrad 578-628 vs 398-434 (transposes included in both), and the V2-Lite layer at
+# 21.84 ms vs 22.47 ms (Triton) in one process. Elsewhere (the stock 13.1 image) auto keeps its choice above.
+AUTO_PREFERS_TE_GROUPED = True
 
 
 def _te_grouped_ok() -> bool:

@@ -20,6 +20,22 @@ GRAPH = {**GOOD, "moe_fp8_flow_cuda_graph": True, "moe_fp8_flow_gemm": "triton",
          "pipeline_model_parallel_size": 1}
 
 
+@pytest.fixture(autouse=True)
+def experimental_opt_in(monkeypatch):
+    """The flag is refused without FP8FLOW_EXPERIMENTAL_CUDA_GRAPH=1 (test_refused_without_the_opt_in); the other
+    refusals are checked with it set."""
+    monkeypatch.setenv("FP8FLOW_EXPERIMENTAL_CUDA_GRAPH", "1")
+
+
+def test_refused_without_the_opt_in(monkeypatch, with_cuda):
+    monkeypatch.delenv("FP8FLOW_EXPERIMENTAL_CUDA_GRAPH")
+    errors = validation_errors(argparse.Namespace(**GRAPH))
+    assert any("--moe-fp8-flow-cuda-graph is experimental" in e and "FP8FLOW_EXPERIMENTAL_CUDA_GRAPH=1" in e
+               for e in errors), errors
+    monkeypatch.setenv("FP8FLOW_EXPERIMENTAL_CUDA_GRAPH", "1")
+    assert not validation_errors(argparse.Namespace(**GRAPH))
+
+
 @pytest.fixture
 def with_cuda(monkeypatch):
     """Validation as on a GPU machine (the graph flag needs CUDA)."""
