@@ -155,10 +155,12 @@ def mlp_kwargs_passed_to_moe_subclasses() -> bool:
 
 # ---------------------------------------------------------------------------------------------- config fields
 def cuda_graph_off_kwargs(field_names) -> dict:
-    """TransformerConfig kwargs for "no CUDA graph scope" without a deprecation warning: 0.16.1's default
-    cuda_graph_scope="full" warns at every config ([] means the same); 0.19 renamed it cuda_graph_modules (default [])."""
-    if "cuda_graph_scope" in field_names and not uses_builder_specs():
-        return {"cuda_graph_scope": []}
+    """TransformerConfig kwargs for "no CUDA graph scope" without a deprecation warning: the dataclass default "full"
+    warns at every config ([] means the same, the whole layer, were graphs on): cuda_graph_scope in 0.16.1, renamed
+    cuda_graph_modules in 0.19."""
+    for name in ("cuda_graph_modules", "cuda_graph_scope"):
+        if name in field_names:
+            return {name: []}
     return {}
 
 
