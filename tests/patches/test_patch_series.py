@@ -243,3 +243,42 @@ def test_te_series_transpose_matches_plugin_spec(tmp_path, m, k):
     assert mismatch.numel() == 0, f"codes differ first at {mismatch[0].tolist()} (m={m}, k={k})"
     assert torch.equal(scale_t[:, :k], ref.scale_inv.t()), f"scales differ (m={m}, k={k})"
     assert (scale_t[:, k:] == 0).all()
+
+
+# -- Megatron-LM 0.19's own argument parser (the megatron-core 0.19.2 wheel ships megatron/training)
+
+_PARSE_SCRIPT = r"""
+import sys
+from megatron.training.arguments import parse_args
+from fp8flow_megatron.megatron import add_fp8_flow_args, validate_fp8_flow
+sys.argv = ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4",
+            "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1", "--num-experts", "4",
+            "--moe-ffn-hidden-size", "128", "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
+            "--fp8-format", "e4m3", "--fp8-recipe", "blockwise", "--moe-router-dtype", "fp32", "--swiglu",
+            "--disable-bias-linear", "--moe-fp8-flow", "--moe-expert-recompute", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "256", "--train-iters", "2", "--lr", "1e-4", "--bf16"]
+args = parse_args(add_fp8_flow_args)  # chained as route 1 does; with 0001 applied the flags exist already
+assert args.moe_fp8_flow and args.moe_expert_recompute and args.moe_fp8_flow_gemm == "auto", args
+# flags of 0.16 that 0.19 removed are simply absent, and validation does not need them
+assert not hasattr(args, "moe_use_legacy_grouped_gemm") and not hasattr(args, "moe_extended_tp")
+assert validate_fp8_flow(args).enabled
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["stock", "core_v0.19.0-series"])
+def test_megatron_lm_019_parses_the_fp8_flow_flags(tmp_path, patched):
+    import shutil
+
+    if not _installed_mcore().startswith("0.19."):
+        pytest.skip(f"needs megatron-core 0.19.x (installed: {_installed_mcore()}), whose wheel ships megatron/training")
+    path = [str(Path(__file__).resolve().parents[2])]
+    if patched:
+        shutil.copytree(_mcore_root() / "megatron", tmp_path / "megatron", ignore=shutil.ignore_patterns("__pycache__"))
+        res = git_apply(tmp_path, series(MEGATRON_019_SERIES), check=False, include=["megatron/*"])
+        assert res.returncode == 0, res.stderr
+        path.insert(0, str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), FP8FLOW_ALLOW_PORTED_MCORE="1")
+    out = subprocess.run([sys.executable, "-c", _PARSE_SCRIPT], env=env, capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]
