@@ -65,9 +65,11 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     def _weights(self, linear):
         return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, **kwargs):
+        # kwargs: what newer megatron-core may hand the experts (0.19: NCCL-EP's output_buffer / grad_input_buffer,
+        # only with its flex dispatcher, never with FP8-Flow's); the stock path takes them as TEGroupedMLP does
         if not isinstance(permuted_local_hidden_states, Fp8FlowTensor):
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs, **kwargs)
         refresh = self.is_first_microbatch or self._quantize_every_call
         self.is_first_microbatch = False
         if refresh:
