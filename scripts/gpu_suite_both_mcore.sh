@@ -6,7 +6,7 @@
 # BUNDLE_0161: the main bundle (../shared/gpu/make_bundle.sh: TE 2.20.2 + megatron-core 0.16.1; its setup.sh reads
 # $(pwd)/.gpu-bundle, so it must be .gpu-bundle at the project root). BUNDLE_0192: scripts/make_mcore_bundle.sh 0.19.2
 # (the megatron-core 0.19.2 wheel; its setup.sh swaps it into /tmp/site and sets FP8FLOW_ALLOW_PORTED_MCORE=1).
-# Knobs: GPU_SUITE_PYTEST_ARGS (default "-m gpu tests -q"), GPU_SUITE_TIMEOUT_S (per version, default 540).
+# Knobs: GPU_SUITE_PYTEST_ARGS (default "-m gpu tests -q"), GPU_SUITE_TIMEOUT_S (per version, default 500: setup + suite fit one 600 s GPU call).
 # Logs: $OUT/gpu_suite_<0161|0192>.log (OUT defaults to /tmp/gpu_suite); a summary table is printed last.
 set -u -o pipefail
 B0161=${1:?usage: gpu_suite_both_mcore.sh BUNDLE_0161 BUNDLE_0192}
@@ -18,7 +18,7 @@ ROOT=$(pwd)
 [[ -f "$B0161/setup.sh" && -f "$B0192/setup.sh" ]] || { echo "each bundle needs a setup.sh"; exit 2; }
 ONLY=${GPU_SUITE_ONLY:-0161,0192}
 ARGS=${GPU_SUITE_PYTEST_ARGS:--m gpu tests -q}
-LIMIT=${GPU_SUITE_TIMEOUT_S:-540}
+LIMIT=${GPU_SUITE_TIMEOUT_S:-500}
 OUT=${OUT:-/tmp/gpu_suite}
 mkdir -p "$OUT"
 declare -A RC SUMMARY WANT=([0161]=0.16.1 [0192]=0.19.2)
