@@ -6,7 +6,8 @@
 # BUNDLE_0161: the main bundle (../shared/gpu/make_bundle.sh: TE 2.20.2 + megatron-core 0.16.1; its setup.sh reads
 # $(pwd)/.gpu-bundle, so it must be .gpu-bundle at the project root). BUNDLE_0192: scripts/make_mcore_bundle.sh 0.19.2
 # (the megatron-core 0.19.2 wheel; its setup.sh swaps it into /tmp/site and sets FP8FLOW_ALLOW_PORTED_MCORE=1).
-# Knobs: GPU_SUITE_PYTEST_ARGS (default "-m gpu tests -q"), GPU_SUITE_TIMEOUT_S (per version, default 500: setup + suite fit one 600 s GPU call).
+# Knobs: GPU_SUITE_PYTEST_ARGS (default "-m gpu tests -q"), GPU_SUITE_TIMEOUT_S (pytest's limit per version, default
+# 500, so that setup + suite fit one 600 s GPU call).
 # Logs: $OUT/gpu_suite_<0161|0192>.log (OUT defaults to /tmp/gpu_suite); a summary table is printed last.
 set -u -o pipefail
 B0161=${1:?usage: gpu_suite_both_mcore.sh BUNDLE_0161 BUNDLE_0192}
