@@ -2,8 +2,8 @@
 
 0.16.x: ModuleSpec + build_module, MLPSubmodules for experts, TransformerLayer passes no pg_collection to MoELayer
         subclasses, pretrain(dataset_provider, model_provider, ...), cuda_graph_scope.
-0.19.x: builder-style specs (functools.partial: `partial(MoELayer, submodules=MoESubmodules(experts=partial(TEGroupedMLP,
-        submodules=GroupedMLPSubmodules(...))))`), called with `name=` / `is_mtp_layer=`; TransformerLayer passes
+0.19.x: builder-style specs (functools.partial: `partial(MoELayer, submodules=MoESubmodules(
+        experts=partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(...))))`), called with `name=` / `is_mtp_layer=`; TransformerLayer passes
         pg_collection to every mlp builder; grouped linears are called with `name=`; Megatron-LM's pretrain_gpt builds
         the model from gpt_config_from_args (GPTModelConfig) and calls pretrain(cfg_container, ...) after
         parse_and_validate_args; cuda_graph_scope became cuda_graph_modules.
@@ -127,9 +127,8 @@ def experts_spec(module, linear_fc1, linear_fc2, like=None):
         from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
 
         activation = getattr(spec_submodules(like), "activation_func", None) if like is not None else None
-        return functools.partial(
-            module, submodules=GroupedMLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2, activation_func=activation)
-        )
+        submodules = GroupedMLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2, activation_func=activation)
+        return functools.partial(module, submodules=submodules)
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
