@@ -3,10 +3,10 @@
 0.16.x: ModuleSpec + build_module, MLPSubmodules for experts, TransformerLayer passes no pg_collection to MoELayer
         subclasses, pretrain(dataset_provider, model_provider, ...), cuda_graph_scope.
 0.19.x: builder-style specs (functools.partial: `partial(MoELayer, submodules=MoESubmodules(
-        experts=partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(...))))`), called with `name=` / `is_mtp_layer=`; TransformerLayer passes
-        pg_collection to every mlp builder; grouped linears are called with `name=`; Megatron-LM's pretrain_gpt builds
-        the model from gpt_config_from_args (GPTModelConfig) and calls pretrain(cfg_container, ...) after
-        parse_and_validate_args; cuda_graph_scope became cuda_graph_modules.
+        experts=partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(...))))`), called with `name=` /
+        `is_mtp_layer=`; TransformerLayer passes pg_collection to every mlp builder; grouped linears are called with
+        `name=`; Megatron-LM's pretrain_gpt builds the model from gpt_config_from_args (GPTModelConfig) and calls
+        pretrain(cfg_container, ...) after parse_and_validate_args; cuda_graph_scope became cuda_graph_modules.
 
 Which versions import: a series is named by its first admitted release, "0.16.1" = >=0.16.1,<0.17.
   TESTED_MCORE  run by CI (CPU) and by the GPU suite: imports.
