@@ -163,6 +163,16 @@ def cuda_graph_off_kwargs(field_names) -> dict:
     return {}
 
 
+def null_tokenizer(vocab_size: int):
+    """megatron-core's NullTokenizer with one meaning of Megatron's --vocab-size N for the plugin, 0.16.1's: N ids plus
+    end-of-document, so N + 1 ids with eod == N. The 0.19 NullTokenizer(N) has N ids with eod == N - 1 (Megatron-LM
+    core_v0.19 passes --vocab-size to it unchanged, so there --vocab-size counts the end-of-document id): it is given
+    N + 1, which is the same tokenizer."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    return NullTokenizer(vocab_size + 1 if uses_builder_specs() else vocab_size)
+
+
 # ------------------------------------------------------------------------------------------- Megatron-LM entry
 def pretrain_takes_cfg_container() -> bool:
     """Megatron-LM >= 0.18: parse_and_validate_args, then pretrain(cfg_container, dataset_provider, model_type,
