@@ -41,8 +41,9 @@ setup(
     install_requires=[
         # A bare torch range pulls the newest CUDA build; install the torch you want first (the README pins it).
         "torch>=2.6",
-        # exactly the tested series (fp8flow_megatron.megatron.compat.SUPPORTED_RANGE): pip on Python 3.12 would
-        # otherwise pick megatron-core 0.19, whose builder-style specs the plugin does not support yet
+        # exactly the tested series: fp8flow_megatron.megatron.compat.install_requirement() (a test checks it). 0.19.2
+        # is ported but not GPU-verified (opt-in at import, FP8FLOW_ALLOW_PORTED_MCORE=1); once promoted in compat
+        # this line becomes "megatron-core>=0.16.1,!=0.17.*,!=0.18.*,!=0.19.0,!=0.19.1,<0.20"
         "megatron-core>=0.16.1,<0.17",
         "pyyaml",
         "numpy",

@@ -87,9 +87,9 @@ PROFILED_ITERS_EP = 3  # NCCL kernel times vary more than compute: average a few
 
 def build_layer(variant: str, args):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from fp8flow_megatron.megatron.compat import build_mlp
     from fp8flow_megatron.megatron.spec import fp8flow_moe_spec
 
     variant = variant.removesuffix(NOGUARD)  # the guard is switched in run_variant, not in the layer
@@ -115,7 +115,7 @@ def build_layer(variant: str, args):
     spec = get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
     if flow:
         spec = fp8flow_moe_spec(spec)
-    layer = build_module(spec, config=cfg).cuda()
+    layer = build_mlp(spec, cfg).cuda()
     return layer, fp8
 
 

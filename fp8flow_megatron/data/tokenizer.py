@@ -65,7 +65,7 @@ def build_tokenizer(tokenizer_type: str = "ByteTokenizer", *, vocab_size: int | 
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None or vocab_size < 1:
             raise ValueError(f"NullTokenizer needs vocab_size >= 1 (Megatron's --vocab-size), got {vocab_size}")
-        from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+        from ..megatron.compat import null_tokenizer  # the same ids under every admitted megatron-core
 
-        return NullTokenizer(vocab_size)
+        return null_tokenizer(vocab_size)
     raise ValueError(f"tokenizer_type={tokenizer_type!r} is not one of {TOKENIZER_TYPES}")

@@ -13,6 +13,7 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
+from .compat import cuda_graph_off_kwargs
 from .config import add_fp8_flow_args
 
 _B = "bool"
@@ -207,9 +208,9 @@ def transformer_config_from_args(args: argparse.Namespace, use_te: bool):
         gradient_accumulation_fusion=bool(args.gradient_accumulation_fusion),
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
-        # megatron-core 0.16.1's dataclass default "full" is deprecated (it warns at every config); [] means the same
-        # (the whole layer, were graphs on) without the warning. This trainer does not capture CUDA graphs.
-        cuda_graph_scope=[],
+        # no CUDA graph scope, without megatron-core 0.16.1's deprecation warning (compat.cuda_graph_off_kwargs).
+        # This trainer does not capture CUDA graphs.
+        **cuda_graph_off_kwargs(names),
     )
     if args.multi_latent_attention and args.rope_type is None:
         kw.pop("rope_type", None)

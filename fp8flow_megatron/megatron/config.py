@@ -126,7 +126,9 @@ def _is_swiglu(src: Any) -> bool:
     return bool(_get(src, "gated_linear_unit", default=False)) and _get(src, "activation_func") is F.silu
 
 
-# (flag, dest, why): MoE flags of megatron-core 0.16.1 that FP8-Flow's layer does not implement, each refused at start.
+# (flag, dest, why): MoE flags of megatron-core 0.16.1 / 0.19.2 that FP8-Flow's layer does not implement, each refused
+# at start. A flag that the installed megatron-core does not have (0.19 removed --moe-use-legacy-grouped-gemm and
+# --moe-extended-tp; 0.16 lacks --overlap-dispatch-backward-with-experts-wgrad) is absent from args and passes.
 _UNSUPPORTED_WITH_FP8_FLOW = (
     ("--delay-wgrad-compute", "delay_wgrad_compute", "splits the experts' weight gradients out of their backward "
      "(megatron's backward_dw); FP8-Flow's experts compute wgrad inside their fused backward."),
@@ -143,6 +145,9 @@ _UNSUPPORTED_WITH_FP8_FLOW = (
     ("--moe-extended-tp", "moe_extended_tp", "shards experts over tensor-parallel ranks; FP8-Flow needs expert "
      "tensor-parallel size 1."),
     ("--moe-token-dropping", "moe_token_dropping", "drops tokens; FP8-Flow is dropless."),
+    ("--overlap-dispatch-backward-with-experts-wgrad", "overlap_dispatch_backward_with_experts_wgrad", "delays the "
+     "experts' weight gradients to a side stream (megatron-core 0.19, backward_dw); FP8-Flow's experts compute wgrad "
+     "inside their fused backward."),
     ("--moe-router-padding-for-fp8", "moe_router_padding_for_fp8", "pads the routing for FP8 GEMMs; FP8-Flow pads "
      "each expert inside its fused permute without sending extra tokens."),
     ("--moe-router-fusion", "moe_router_fusion", "runs TE's fused router kernels, which no FP8-Flow test has run on a "

@@ -40,12 +40,13 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     optimizer step, as it must for TE's FP8 layers.
     """
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, **kwargs):
+        # kwargs: what newer megatron-core passes its experts builder (0.19: name=)
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
             pg_collection = get_default_pg_collection()
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection, **kwargs)
         self.expert_recompute = bool(getattr(config, "moe_expert_recompute", False))
         flow_cfg = FP8FlowConfig.from_source(config)
         self.align = flow_cfg.align  # the dispatcher pads every expert's rows to a multiple of this
@@ -68,9 +69,11 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     def _weights(self, linear):
         return [getattr(linear, f"weight{i}") for i in range(self.num_local_experts)]
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, **kwargs):
+        # kwargs: what newer megatron-core may hand the experts (0.19: NCCL-EP's output_buffer / grad_input_buffer,
+        # only with its flex dispatcher, never with FP8-Flow's); the stock path takes them as TEGroupedMLP does
         if not isinstance(permuted_local_hidden_states, Fp8FlowTensor):
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs, **kwargs)
         refresh = self._take_refresh()
         output = fp8_flow_experts(
             permuted_local_hidden_states,
@@ -198,6 +201,7 @@ class EmulatedGroupedLinear(torch.nn.Module):
         is_expert: bool,
         tp_comm_buffer_name: Optional[str] = None,
         pg_collection=None,
+        name: Optional[str] = None,  # megatron-core 0.19 names its grouped linears
     ):
         super().__init__()
         if bias:

@@ -1,4 +1,8 @@
-"""Spec injection: the GPT decoder block spec with FP8-Flow MoE layers (megatron-core 0.16 ModuleSpec route).
+"""Spec injection: the GPT decoder block spec with FP8-Flow MoE layers.
+
+megatron-core 0.16 specs the MoE mlp as ModuleSpec(MoELayer, submodules=MoESubmodules(experts=ModuleSpec(TEGroupedMLP,
+MLPSubmodules))), 0.19 as partial(MoELayer, submodules=MoESubmodules(experts=partial(TEGroupedMLP,
+submodules=GroupedMLPSubmodules))); the rewrite keeps the style it finds (compat.spec_with / compat.experts_spec).
 
 get_fp8flow_decoder_block_spec(config, ...) is the public entry: it is megatron's get_gpt_decoder_block_spec, and when
 config.moe_fp8_flow is set every MoE layer's mlp becomes FP8FlowMoELayer with FP8FlowGroupedMLP experts. With the flag
@@ -14,7 +18,7 @@ import logging
 import sys
 from typing import Optional
 
-from .compat import require_module_spec_api
+from .compat import experts_spec, mlp_kwargs_passed_to_moe_subclasses, spec_module, spec_submodules, spec_with
 
 log = logging.getLogger(__name__)
 _PATCH_MARKER = "_fp8flow_patched"
@@ -30,29 +34,25 @@ def _te_available() -> bool:
 
 
 def fp8flow_moe_spec(moe_spec):
-    """A copy of a MoE ModuleSpec with FP8FlowMoELayer and FP8FlowGroupedMLP (TE grouped linears when TE is present,
-    EmulatedGroupedLinear otherwise; parameter names and checkpoint layout are TEGroupedMLP's either way)."""
-    from megatron.core.transformer.mlp import MLPSubmodules
+    """A copy of a MoE spec (ModuleSpec or partial, as megatron-core made it) with FP8FlowMoELayer and
+    FP8FlowGroupedMLP (TE grouped linears when TE is present, EmulatedGroupedLinear otherwise; parameter names and
+    checkpoint layout are TEGroupedMLP's either way)."""
     from megatron.core.transformer.moe.experts import TEGroupedMLP
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
 
     from .experts import EmulatedGroupedLinear, EmulatedRowGroupedLinear, FP8FlowGroupedMLP
     from .moe_layer import FP8FlowMoELayer
 
-    old = moe_spec.submodules
+    old = spec_submodules(moe_spec)
     old_experts = old.experts
-    if getattr(old_experts, "module", None) is TEGroupedMLP and _te_available():
-        linears = copy.copy(old_experts.submodules)
+    if spec_module(old_experts) is TEGroupedMLP and _te_available():
+        experts = spec_with(old_experts, FP8FlowGroupedMLP, copy.copy(spec_submodules(old_experts)))
     else:
-        linears = MLPSubmodules(linear_fc1=EmulatedGroupedLinear, linear_fc2=EmulatedRowGroupedLinear)
-    submodules = MoESubmodules(
-        experts=ModuleSpec(module=FP8FlowGroupedMLP, submodules=linears),
-        shared_experts=old.shared_experts,
-        router=old.router,
-    )
-    _quiet_unknown_mlp_type()
-    return ModuleSpec(module=FP8FlowMoELayer, params=dict(moe_spec.params), submodules=submodules, metainfo=dict(moe_spec.metainfo))
+        experts = experts_spec(FP8FlowGroupedMLP, EmulatedGroupedLinear, EmulatedRowGroupedLinear, like=old_experts)
+    submodules = MoESubmodules(experts=experts, shared_experts=old.shared_experts, router=old.router)
+    if not mlp_kwargs_passed_to_moe_subclasses():
+        _quiet_unknown_mlp_type()
+    return spec_with(moe_spec, FP8FlowMoELayer, submodules)
 
 
 class _Fp8FlowUnknownMlpFilter(logging.Filter):
@@ -87,13 +87,12 @@ def _quiet_unknown_mlp_type() -> None:
 def _is_moe_spec(spec) -> bool:
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    module = getattr(spec, "module", None)
+    module = spec_module(spec)
     return isinstance(module, type) and issubclass(module, MoELayer)
 
 
 def rewrite_block_spec(block_spec):
     """A copy of a TransformerBlockSubmodules whose MoE layers use FP8-Flow (layers are copied, not shared)."""
-    require_module_spec_api("rewrite_block_spec")
     new_block = copy.copy(block_spec)
     new_layers = []
     for layer_spec in block_spec.layer_specs:
@@ -134,7 +133,6 @@ def install_fp8flow_spec() -> bool:
     Both Megatron-LM routes call it from their model builder, inside Megatron-LM's pretrain(): there it also wraps
     Megatron-LM's train_step with the non-finite guard's check (install_megatron_lm_step_check), so that an inf or NaN
     reaching an FP8 quantizer stops the run at the end of that iteration, naming layer, site and pass."""
-    require_module_spec_api("install_fp8flow_spec")
     from .step_check import install_megatron_lm_step_check
 
     install_megatron_lm_step_check()  # a no-op outside Megatron-LM's training loop, and when installed already
@@ -147,7 +145,7 @@ def install_fp8flow_spec() -> bool:
 
     def get_moe_module_spec_for_backend(*args, **kwargs):
         spec = original(*args, **kwargs)
-        if getattr(spec.submodules.experts, "module", None) is TEGroupedMLP:
+        if spec_module(spec_submodules(spec).experts) is TEGroupedMLP:
             return fp8flow_moe_spec(spec)
         return spec
 

@@ -55,12 +55,12 @@ def moe_config(flow: bool, num_experts: int = 4, topk: int = 2, hidden: int = 12
 
 
 def moe_layer(config):
-    from megatron.core.transformer.spec_utils import build_module
 
     from fp8flow_megatron.megatron import get_fp8flow_decoder_block_spec
+    from fp8flow_megatron.megatron.compat import build_mlp
 
     spec = get_fp8flow_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    return build_module(spec.layer_specs[0].submodules.mlp, config=config)
+    return build_mlp(spec.layer_specs[0].submodules.mlp, config)
 
 
 def copy_stock_weights(stock, flow):

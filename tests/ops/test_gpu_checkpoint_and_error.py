@@ -80,8 +80,8 @@ def build_moe_layer(variant: str):
     fp8flow       FP8FlowMoELayer with FP8FlowGroupedMLP experts, BF16 params, the FP8 config an FP8-Flow run uses.
     """
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
 
+    from fp8flow_megatron.megatron.compat import build_mlp
     from fp8flow_megatron.megatron.spec import fp8flow_moe_spec
 
     assert variant in VARIANTS, variant
@@ -89,7 +89,7 @@ def build_moe_layer(variant: str):
     spec = get_moe_module_spec(use_te=grouped, num_experts=NUM_EXPERTS, moe_grouped_gemm=grouped)
     if variant == "fp8flow":
         spec = fp8flow_moe_spec(spec)
-    return build_module(spec, config=moe_config(variant)).to(DEVICE)
+    return build_mlp(spec, moe_config(variant)).to(DEVICE)
 
 
 def fp8_autocast():

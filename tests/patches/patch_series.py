@@ -10,6 +10,9 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[2]
 MEGATRON_SERIES = REPO / "patches" / "megatron-lm" / "core_v0.16.1"
+MEGATRON_019_SERIES = REPO / "patches" / "megatron-lm" / "core_v0.19.0"
+# the megatron-core release each Megatron-LM series is checked against (its megatron/ files are the tag's)
+MEGATRON_SERIES_WHEEL = {MEGATRON_SERIES: "0.16.1", MEGATRON_019_SERIES: "0.19.2"}
 TE_SERIES = REPO / "patches" / "transformer-engine" / "v2.20.2"
 
 _DIFF_HEADER = re.compile(r"^diff --git a/(\S+) b/(\S+)$", re.M)

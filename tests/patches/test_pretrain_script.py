@@ -1,5 +1,6 @@
 """scripts/pretrain_gpt_fp8flow.py against a stand-in for Megatron-LM's training tree (not in the megatron-core wheel):
-what it hands to pretrain(), the chained argument provider, the builder with the flag off and on, and the refusals."""
+what it hands to pretrain() (core_v0.16.x: model provider; core_v0.19.x: config container), the chained argument
+provider, the builder / model config with the flag off and on, and the refusals."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def _load_script():
 
 @pytest.fixture
 def fake_megatron_lm(monkeypatch):
+    """core_v0.16.x's entry: pretrain(datasets_provider, model_provider, ...) parses the arguments itself."""
+    from fp8flow_megatron.megatron import compat
+
+    monkeypatch.setattr(compat, "pretrain_takes_cfg_container", lambda: False)
     calls = {}
 
     def pretrain(datasets_provider, model_provider, model_type, forward_step, args_defaults=None,
@@ -83,11 +88,70 @@ def test_builder_rejects_an_invalid_fp8_flow_configuration(fake_megatron_lm):
         fake_megatron_lm["pretrain"]["model_provider"]()
 
 
-def test_refuses_cfg_container_pretrain(fake_megatron_lm, monkeypatch):
+@pytest.fixture
+def fake_megatron_lm_019(fake_megatron_lm, monkeypatch):
+    """core_v0.19.x's entry: parse_and_validate_args, gpt_config_from_args, pretrain(cfg_container, ...)."""
     from fp8flow_megatron.megatron import compat
 
+    calls = fake_megatron_lm
     monkeypatch.setattr(compat, "pretrain_takes_cfg_container", lambda: True)
-    with pytest.raises(RuntimeError, match="pretrain\\(cfg_container"):
+
+    def pretrain(cfg_container, datasets_provider, model_type, forward_step, model_provider=None, store=None,
+                 get_embedding_ranks=None):
+        calls["pretrain"] = dict(cfg_container=cfg_container, datasets_provider=datasets_provider,
+                                 forward_step=forward_step, store=store, get_embedding_ranks=get_embedding_ranks)
+
+    def parse_and_validate_args(extra_args_provider=None, args_defaults=None):
+        calls["parse"] = dict(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
+        return calls["args"]
+
+    def gpt_config_from_args(args, config=None):
+        return types.SimpleNamespace(transformer=config if config is not None else types.SimpleNamespace(from_args=True))
+
+    sys.modules["megatron.training"].pretrain = pretrain
+    sys.modules["megatron.training.arguments"].parse_and_validate_args = parse_and_validate_args
+    utils = types.ModuleType("megatron.training.argument_utils")
+    utils.gpt_config_from_args = gpt_config_from_args
+    utils.pretrain_cfg_container_from_args = lambda args, model_cfg: types.SimpleNamespace(model=model_cfg)
+    monkeypatch.setitem(sys.modules, "megatron.training.argument_utils", utils)
+    return calls
+
+
+def test_cfg_container_pretrain_is_stock_without_the_flag(fake_megatron_lm_019):
+    calls = fake_megatron_lm_019
+    calls["args"] = argparse.Namespace(moe_fp8_flow=False, moe_expert_recompute=False, yaml_cfg=None)
+    _load_script().main()
+    got = calls["pretrain"]
+    pg = sys.modules["pretrain_gpt"]
+    assert got["datasets_provider"] is pg.train_valid_test_datasets_provider and got["forward_step"] is pg.forward_step
+    assert got["store"] == "store" and got["get_embedding_ranks"] is pg.get_embedding_ranks
+    assert got["cfg_container"].model.transformer.from_args  # gpt_config_from_args built its own config
+    args = calls["parse"]["extra_args_provider"](argparse.ArgumentParser()).parse_args(["--moe-fp8-flow"])
+    assert args.moe_fp8_flow and calls["parse"]["args_defaults"] == {"tokenizer_type": "GPT2BPETokenizer"}
+
+
+def test_cfg_container_pretrain_carries_fp8_flow_and_patches_the_spec(fake_megatron_lm_019, monkeypatch):
+    from fp8flow_megatron.megatron import spec
+
+    installed = []
+    monkeypatch.setattr(spec, "install_fp8flow_spec", lambda: installed.append(True))
+    import fp8flow_megatron.megatron as plugin
+
+    monkeypatch.setattr(plugin, "install_fp8flow_spec", spec.install_fp8flow_spec)
+    monkeypatch.setattr(plugin, "validate_fp8_flow", lambda args: plugin.FP8FlowConfig(enabled=True))
+    calls = fake_megatron_lm_019
+    calls["args"] = argparse.Namespace(moe_fp8_flow=True, moe_expert_recompute=False, yaml_cfg=None)
+    _load_script().main()
+    transformer = calls["pretrain"]["cfg_container"].model.transformer
+    assert installed and transformer.from_args and transformer.moe_fp8_flow is True
+    assert transformer.moe_fp8_flow_gemm == "auto"
+
+
+def test_cfg_container_pretrain_rejects_an_invalid_fp8_flow_configuration(fake_megatron_lm_019):
+    from fp8flow_megatron.megatron import FP8FlowConfigError
+
+    fake_megatron_lm_019["args"] = argparse.Namespace(moe_fp8_flow=True, moe_expert_recompute=False, yaml_cfg=None)
+    with pytest.raises(FP8FlowConfigError):
         _load_script().main()
 
 
