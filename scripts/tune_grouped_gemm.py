@@ -8,6 +8,8 @@ fprop/dgrad run the shipped kernel body (`_grouped_gemm_nt_kernel.fn`, i.e. with
 wgrad runs `_grouped_wgrad_body` on precomputed scaling-aware transposes (GEMM only; the transposes are timed by
 bench_grouped_gemm.py). The dense ceiling is bench_grouped_gemm.py's (`torch._scaled_mm` of the same total size).
 Prints one table per GEMM; a config that fails to compile (shared memory) is listed with its error.
+Kernel-body experiments measured with this script and not ported (hand-pipelined promotion, swapped operands) are in
+git history (commit 8a5d021) and their logs in benchmarks/.
 """
 
 from __future__ import annotations
@@ -25,100 +27,10 @@ CONFIGS_NT = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in iterto
 CONFIGS_WGRAD = [dict(BLOCK_N=bn, num_warps=w, num_stages=s) for bn, w, s in itertools.product((64, 128), (4, 8), (2, 3, 4))]
 
 
-def _experimental_kernel():
-    """The shipped fprop/dgrad body with two experimental knobs (measured here before anything is ported):
-    PIPE: the promotion of K block kb (acc += P_kb * sa * sb) is written after the dot of block kb + 1 is issued, so
-    the FMAs can overlap the next wgmma instead of waiting for it; EVEN_K: no K masks (K % 128 == 0).
-    The summation order is the shipped one, so outputs must be bit-identical."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(
-        a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
-        N, K, num_kb, num_nb,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr, EVEN_K: tl.constexpr,
-        SWAP: tl.constexpr,
-    ):  # fmt: skip
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        real_tiles = tl.load(tiles_ptr + num_groups)
-        in_group = pid_m < real_tiles
-        expert = tl.load(tile_groups_ptr + pid_m).to(tl.int64)
-        group_row0 = tl.load(offsets_ptr + expert) + (pid_m - tl.load(tiles_ptr + expert)) * BLOCK_M
-        tail_row0 = tl.load(offsets_ptr + num_groups) + (pid_m - real_tiles) * BLOCK_M
-        row0 = tl.where(in_group, group_row0, tail_row0).to(tl.int64)
-        row_end = tl.where(in_group, tl.load(offsets_ptr + expert + 1), num_rows).to(tl.int64)
-        k_blocks = tl.where(in_group, num_kb, 0)
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < row_end
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_rows = a_ptr + offs_m[:, None] * K
-        b_rows = b_ptr + expert * N * K + offs_n[:, None] * K
-        sa_rows = a_scale_ptr + offs_m * num_kb
-        sb_rows = b_scale_ptr + expert * num_nb * num_kb + (offs_n // BLOCK_K) * num_kb
-        if SWAP:  # C^T tile = W_tile . A_tile^T: the weight rows take wgmma's M side (64 per warpgroup), tokens N
-            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for kb in range(0, k_blocks):
-                k = kb * BLOCK_K + offs_k
-                a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
-                b = tl.load(b_rows + k[None, :], mask=mask_n[:, None], other=0.0)
-                sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
-                sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
-                acc_t += tl.dot(b, tl.trans(a)) * sa[None, :] * sb[:, None]
-            c_t = c_ptr + offs_m[None, :] * N + offs_n[:, None]
-            tl.store(c_t, acc_t.to(c_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if PIPE:
-                live = k_blocks > 0
-                a = tl.load(a_rows + offs_k[None, :], mask=(mask_m & live)[:, None], other=0.0)
-                b = tl.load(b_rows + offs_k[None, :], mask=(mask_n & live)[:, None], other=0.0)
-                sa = tl.load(sa_rows, mask=mask_m & live, other=0.0)
-                sb = tl.load(sb_rows, mask=mask_n & live, other=0.0)
-                part = tl.dot(a, tl.trans(b))
-                for kb in range(1, k_blocks):
-                    k = kb * BLOCK_K + offs_k
-                    a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
-                    b = tl.load(b_rows + k[None, :], mask=mask_n[:, None], other=0.0)
-                    nxt = tl.dot(a, tl.trans(b))
-                    acc += part * sa[:, None] * sb[None, :]
-                    sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
-                    sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
-                    part = nxt
-                acc += part * sa[:, None] * sb[None, :]
-            else:
-                for kb in range(0, k_blocks):
-                    k = kb * BLOCK_K + offs_k
-                    if EVEN_K:
-                        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None], other=0.0)
-                        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None], other=0.0)
-                    else:
-                        mask_k = k < K
-                        a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                        b = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                    sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
-                    sb = tl.load(sb_rows + kb, mask=mask_n, other=0.0)
-                    acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
-            c = c_ptr + offs_m[:, None] * N + offs_n[None, :]
-            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-    return kernel
-
-
-EXPERIMENTS = [dict(PIPE=False, EVEN_K=True, SWAP=swap, BLOCK_N=bn, num_warps=w, num_stages=st)
-               for swap in (False, True)
-               for bn, w, st in ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4),
-                                 (256, 8, 3))]  # fmt: skip
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="ep1-fc1,ep1-fc2,ep8-fc1")
     ap.add_argument("--gemms", default="fprop,dgrad,wgrad")
-    ap.add_argument("--experiments-only", action="store_true", help="fprop/dgrad: only the experimental body")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     args = ap.parse_args(argv)
@@ -191,7 +103,7 @@ def main(argv=None) -> int:
             lines.append("| BLOCK_N | warps | stages | TFLOP/s | % ceiling | bit-equal to shipped |")
             lines.append("|---|---|---|---|---|---|")
             rows = []
-            for cfg in [] if args.experiments_only and gemm != "wgrad" else configs:
+            for cfg in configs:
                 try:
                     out = launch(cfg, *sets[0])
                     same = bk.bytes_equal(out, ref_out)
@@ -200,28 +112,6 @@ def main(argv=None) -> int:
                 except Exception as exc:  # noqa: BLE001 -- out of shared memory etc.
                     lines.append(f"| {cfg['BLOCK_N']} | {cfg['num_warps']} | {cfg['num_stages']} | - | - | "
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''} |")  # fmt: skip
-            if gemm != "wgrad":  # the experimental body (PIPE / EVEN_K), same table
-                kernel = _experimental_kernel()
-                for cfg in EXPERIMENTS:
-                    def launch_exp(a, cfg=cfg, w=w, n=n, k=k, m_total=m_total):
-                        out = torch.empty(m_total, n, dtype=torch.bfloat16, device="cuda")
-                        grid = (triton.cdiv(n, cfg["BLOCK_N"]), groups.max_tiles)
-                        kernel[grid](
-                            a.data, a.scale_inv, w.data, w.scale_inv, out, groups.offsets, groups.tiles,
-                            groups.tile_groups, shape.experts, m_total, n, k, ceil_div(k, BLOCK), ceil_div(n, BLOCK),
-                            BLOCK_M=gg.TILE_M, BLOCK_K=BLOCK, **cfg,
-                        )  # fmt: skip
-                        return out
-
-                    label = dict(cfg, BLOCK_N=f"exp SWAP={int(cfg['SWAP'])} EVEN_K=1 {cfg['BLOCK_N']}")
-                    label = {kk: v for kk, v in label.items() if kk not in ("PIPE", "EVEN_K", "SWAP")}
-                    try:
-                        same = bk.bytes_equal(launch_exp(*sets[0]), ref_out)
-                        us = bk.time_us(launch_exp, sets, args.warmup, args.iters)
-                        rows.append((flops / us / 1e6, label, same))
-                    except Exception as exc:  # noqa: BLE001
-                        lines.append(f"| {label['BLOCK_N']} | {cfg['num_warps']} | {cfg['num_stages']} | - | - | "
-                                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''} |")  # fmt: skip
             for tf, cfg, same in sorted(rows, key=lambda r: -r[0]):
                 lines.append(f"| {cfg['BLOCK_N']} | {cfg['num_warps']} | {cfg['num_stages']} | {tf:,.0f} | "
                              f"{100 * tf * ceil_us * 1e6 / flops:.0f}% | {'yes' if same else 'NO'} |")  # fmt: skip
