@@ -92,8 +92,8 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             help="With --moe-fp8-flow on CUDA: who runs the experts' blockwise-FP8 grouped GEMMs. triton: "
             "fp8flow_megatron's kernels, one launch per GEMM for all experts; te: TransformerEngine's grouped GEMM "
             "(one cuBLASLt call per expert); te_grouped: TE's single-launch grouped-tensor GEMM, counts on the device "
-            "(Hopper, TE 2.20, run-time cuBLASLt >= 13.6); auto (default): te when a layer holds <= 32 local experts "
-            "(e.g. 64 experts at EP>=2), else triton. All read the same FP8 operands.",
+            "(Hopper, TE 2.20, run-time cuBLASLt >= 13.6); auto (default): te_grouped where it can run, else te when a "
+            "layer holds <= 32 local experts (e.g. 64 experts at EP>=2), else triton. All read the same FP8 operands.",
         )
     if not _has_option(parser, "--moe-fp8-flow-cuda-graph"):
         group.add_argument(
@@ -103,7 +103,8 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             help="With --moe-fp8-flow at EP=1 on the Triton GEMM engine: capture each MoE layer's dispatch, experts "
             "and combine (forward and backward) as CUDA graphs at its second training call and replay them; the "
             "router, aux losses and shared experts stay eager, the expert weights are re-quantized eagerly once per "
-            "step into the buffers the graphs read. Bit-identical to eager. Evaluation, logged (telemetry) "
+            "step into the buffers the graphs read. Experimental: refused unless FP8FLOW_EXPERIMENTAL_CUDA_GRAPH=1 "
+            "(its backward capture fails inside megatron's training loop). Evaluation, logged (telemetry) "
             "iterations and a new input shape's first call run eager. Not with megatron's --cuda-graph-impl.",
         )
     return parser

@@ -164,8 +164,12 @@ def test_triton_gemm_engine_layer_matches_te_engine(megatron_gpu):
     triton_layer = moe_layer(triton_cfg).cuda()
     triton_layer.load_state_dict(te_layer.state_dict())
     assert triton_layer.experts.gemm_engine == "triton" and te_layer.experts.gemm_engine == "te"
-    # the default, auto, takes TE's grouped GEMM for this layer's 4 local experts (<= 32)
-    assert moe_layer(moe_config(True)).experts.gemm_engine == "te"
+    # the default, auto, takes te_grouped where it runs (cuBLASLt >= 13.6), else TE's per-expert grouped GEMM for
+    # this layer's 4 local experts (<= 32)
+    from fp8flow_megatron.ops.te_grouped_gemm import te_grouped_support
+
+    auto = "te_grouped" if te_grouped_support()[0] else "te"
+    assert moe_layer(moe_config(True)).experts.gemm_engine == auto
     x = torch.randn(256, 2, 128, device="cuda")
     g = torch.linspace(-1, 1, x.numel(), device="cuda").view_as(x)
     errs = {name: rel(u, v) for name, u, v in zip(("out", "dx", "drouter"), run_layer(triton_layer, x, g), run_layer(te_layer, x, g))}
