@@ -1,5 +1,6 @@
 """Helpers for CPU tests that build megatron-core modules: gloo process groups, configs, stock vs FP8-Flow MoE layers."""
 
+import queue
 import socket
 import traceback
 
@@ -92,11 +93,23 @@ def spawn(fn, world_size: int, *args, mp_context=None):
 
     port = free_port()
     ctx = mp_context or mp.get_context("spawn")
-    q = ctx.SimpleQueue()
+    q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, q, args)) for r in range(world_size)]
     for p in procs:
         p.start()
-    results = [q.get() for _ in procs]
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(q.get(timeout=5))
+        except queue.Empty:
+            # a rank that died without reporting (a segfault, an abort in CUDA) would otherwise block this forever
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead and not any(r[0] == "error" for r in results):
+                for p in procs:
+                    p.kill()
+                raise AssertionError(f"rank {dead[0][0]} died with exit code {dead[0][1]} before reporting a result")
+            if dead:
+                break
     for p in procs:
         p.join(timeout=120)
     errors = [r for r in results if r[0] == "error"]
