@@ -340,6 +340,10 @@ def train_step(args, schedule, model, optimizer, scheduler, dataset, step, devic
     )
     with cuda_to_cpu():
         update_successful, grad_norm, _ = optimizer.step()
+    if isinstance(grad_norm, torch.Tensor):
+        # megatron-core 0.19's optimizers may hand back the norm as a 0-d CUDA tensor (0.16 gives a float); the row is
+        # logged and written as JSON, so it becomes a float here (one sync per step, which the loss check pays anyway)
+        grad_norm = float(grad_norm)
     if update_successful:
         scheduler.step(increment=1)
     loss = _reduce_lm_loss(args, losses_reduced, device)

@@ -129,3 +129,43 @@ def test_expert_bias_updates_through_finalize_model_grads(tmp_path):
         steps = bias / 1e-2  # each update adds +-rate (or 0) per expert (megatron keeps the bias fp32 in the router;
         # between steps Float16Module's bf16 copy can round it, hence the tolerance)
         assert torch.allclose(steps, steps.round(), atol=2e-2) and float(steps.abs().max()) <= STEPS + 0.1
+
+
+class _TensorNormOptimizer:
+    """megatron-core 0.19's optimizers can return the grad norm as a 0-d (CUDA) tensor; 0.16's return a float."""
+
+    def zero_grad(self):
+        pass
+
+    def step(self):
+        return True, torch.tensor(1.5), None
+
+
+class _Scheduler:
+    steps = 0
+
+    def step(self, increment):
+        self.steps += increment
+
+
+class _Model:
+    def zero_grad_buffer(self):
+        pass
+
+
+def test_train_step_returns_a_float_grad_norm_when_the_optimizer_gives_a_tensor(megatron_ep1):
+    import json
+    from types import SimpleNamespace
+
+    from fp8flow_megatron import train
+
+    def schedule(**_):
+        return [{"lm loss": torch.tensor([6.0, 2.0])}, {"lm loss": torch.tensor([2.0, 2.0])}]
+
+    args = SimpleNamespace(num_microbatches=2, seq_length=8, micro_batch_size=1, moe_fp8_flow=False)
+    scheduler = _Scheduler()
+    loss, grad_norm = train.train_step(args, schedule, _Model(), _TensorNormOptimizer(), scheduler, None, 0,
+                                       torch.device("cpu"))
+    assert (loss, grad_norm, scheduler.steps) == (2.0, 1.5, 1)
+    assert type(grad_norm) is float
+    json.dumps({"loss": loss, "grad_norm": grad_norm})  # the metrics row is written as JSON
