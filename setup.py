@@ -41,10 +41,9 @@ setup(
     install_requires=[
         # A bare torch range pulls the newest CUDA build; install the torch you want first (the README pins it).
         "torch>=2.6",
-        # exactly the tested series: fp8flow_megatron.megatron.compat.install_requirement() (a test checks it). 0.19.2
-        # is ported but not GPU-verified (opt-in at import, FP8FLOW_ALLOW_PORTED_MCORE=1); once promoted in compat
-        # this line becomes "megatron-core>=0.16.1,!=0.17.*,!=0.18.*,!=0.19.0,!=0.19.1,<0.20"
-        "megatron-core>=0.16.1,<0.17",
+        # exactly the tested series, 0.16.x and 0.19.2+ (0.17+ wheels need Python >= 3.12):
+        # fp8flow_megatron.megatron.compat.install_requirement() (a test checks it)
+        "megatron-core>=0.16.1,!=0.17.*,!=0.18.*,!=0.19.0,!=0.19.1,<0.20",
         "pyyaml",
         "numpy",
         "psutil",

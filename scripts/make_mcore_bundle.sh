@@ -25,7 +25,7 @@ B=\$(cd "\$(dirname "\${BASH_SOURCE[0]}")" && pwd)
 T=\${MCORE_SITE:-/tmp/site}
 rm -rf \$T/megatron \$T/megatron_core-*.dist-info
 python3 -m pip install -q --no-index --no-deps --no-compile --target \$T \$B/whl/megatron_core-*.whl 2>&1 | grep -v -i warning
-# $V is ported but not GPU-verified yet: fp8flow_megatron imports under it only when opted in
+# a series that is only ported (compat.PORTED_MCORE, not yet GPU-run) imports only when opted in; a tested one ignores it
 export FP8FLOW_ALLOW_PORTED_MCORE=1
 python3 -c "import megatron.core, packaging; print('megatron-core swapped in:', megatron.core.__version__, '| packaging', packaging.__version__)" 2>&1 | grep -v Warning | tail -1
 SETUP

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Megatron-LM's pretrain_gpt with --moe-fp8-flow, without patching Megatron-LM (core_v0.16.x, or core_v0.19.x with
-megatron-core 0.19.2, opt-in: FP8FLOW_ALLOW_PORTED_MCORE=1, see fp8flow_megatron/megatron/compat.py).
+megatron-core 0.19.2; the version switches are in fp8flow_megatron/megatron/compat.py).
 
     export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH        # a core_v0.16.x / core_v0.19.x checkout
     torchrun --nproc-per-node 8 scripts/pretrain_gpt_fp8flow.py <the usual pretrain_gpt.py flags> \

@@ -9,8 +9,10 @@
         pretrain(cfg_container, ...) after parse_and_validate_args; cuda_graph_scope became cuda_graph_modules.
 
 Which versions import: a series is named by its first admitted release, "0.16.1" = >=0.16.1,<0.17.
-  TESTED_MCORE  run by CI (CPU) and by the GPU suite: imports.
-  PORTED_MCORE  ported and green on the CPU suite, not yet run on a GPU: imports only with FP8FLOW_ALLOW_PORTED_MCORE=1.
+  TESTED_MCORE  run by the GPU suite (scripts/gpu_suite_both_mcore.sh) and the CPU suite (CI runs 0.16.1, the only
+                one with a Python 3.11 wheel): imports.
+  PORTED_MCORE  ported and green on the CPU suite, not yet run on a GPU: imports only with FP8FLOW_ALLOW_PORTED_MCORE=1
+                (empty now: 0.19.2 was promoted after its H200 run, 2026-12-02).
 Anything else raises ImportError with the admitted versions and the pip command. setup.py admits exactly the tested
 series: its megatron-core requirement is install_requirement() (tests/megatron/test_compat.py checks it). Promoting a
 ported series after its GPU run: move it from PORTED_MCORE to TESTED_MCORE, and paste install_requirement() into
@@ -21,14 +23,17 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from functools import lru_cache
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 from packaging.version import Version
 
-TESTED_MCORE: Tuple[str, ...] = ("0.16.1",)
-PORTED_MCORE: Tuple[str, ...] = ("0.19.2",)
+TESTED_MCORE: Tuple[str, ...] = ("0.16.1", "0.19.2")
+PORTED_MCORE: Tuple[str, ...] = ()
 ALLOW_PORTED_ENV = "FP8FLOW_ALLOW_PORTED_MCORE"
+# megatron-core publishes wheels from 0.17 on for Python >= 3.12 only: the pip command an error suggests must install
+MIN_PYTHON: Dict[str, Tuple[int, int]] = {"0.19.2": (3, 12)}
 
 
 def series_range(first: str) -> Tuple[Version, Version]:
@@ -66,6 +71,12 @@ def mcore_version() -> Version:
     return Version(megatron.core.__version__)
 
 
+def suggested_pin(python: Tuple[int, int] = tuple(sys.version_info[:2])) -> str:
+    """The pip command for the newest tested megatron-core that has a wheel for this Python."""
+    usable = [v for v in TESTED_MCORE if python >= MIN_PYTHON.get(v, (0, 0))] or list(TESTED_MCORE[:1])
+    return f"pip install 'megatron-core=={max(usable, key=Version)}'"
+
+
 def ported_allowed() -> bool:
     return os.environ.get(ALLOW_PORTED_ENV, "") == "1"
 
@@ -75,7 +86,7 @@ def check_mcore_version() -> Version:
     v = mcore_version()
     if _in_series(v, TESTED_MCORE):
         return v
-    pip = f"pip install 'megatron-core=={TESTED_MCORE[-1]}'"
+    pip = suggested_pin()
     if _in_series(v, PORTED_MCORE):
         if ported_allowed():
             return v

@@ -1,5 +1,6 @@
-"""megatron/compat.py: the tested megatron-core series imports, the ported one only when opted in, anything else fails
-at import with the admitted versions and the pip command; setup.py admits exactly the tested series (issue 18)."""
+"""megatron/compat.py: the tested megatron-core series import, a ported one only when opted in, anything else fails
+at import with the admitted versions and a pip command that has a wheel for this Python; setup.py admits exactly the
+tested series (issue 18)."""
 
 import functools
 import re
@@ -16,8 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("version, outcome", [
-    ("0.16.1", "ok"), ("0.16.2", "ok"),
-    ("0.19.2", "ported"), ("0.19.3", "ported"), ("0.19.2+02dc2e1", "ported"),
+    ("0.16.1", "ok"), ("0.16.2", "ok"), ("0.19.2", "ok"), ("0.19.3", "ok"), ("0.19.2+02dc2e1", "ok"),
     ("0.16.0", "refused"), ("0.17.0", "refused"), ("0.18.1", "refused"), ("0.19.1", "refused"), ("0.20.0", "refused"),
     ("0.15.3", "refused"),
 ])
@@ -25,17 +25,31 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_version_gate(monkeypatch, version, outcome, opt_in):
     monkeypatch.setattr(compat, "mcore_version", lambda: Version(version))
     monkeypatch.setenv(compat.ALLOW_PORTED_ENV, "1" if opt_in else "0")
-    if outcome == "ok" or (outcome == "ported" and opt_in):
+    if outcome == "ok":
         assert compat.check_mcore_version() == Version(version)
-    elif outcome == "ported":
-        with pytest.raises(ImportError, match=re.escape(version) + r" is ported .*not GPU-verified.*"
-                           r"export FP8FLOW_ALLOW_PORTED_MCORE=1.*pip install 'megatron-core==0\.16\.1'"):
+    else:  # the opt-in admits only a ported series, and none is ported now
+        with pytest.raises(ImportError, match=r">=0\.16\.1,<0\.17, >=0\.19\.2,<0\.20 \(tested\); found "
+                           + re.escape(version) + r".*pip install 'megatron-core==0\.1[69]\.[12]'"):
             compat.check_mcore_version()
+
+
+@pytest.mark.parametrize("version", ["0.20.0", "0.20.4"])
+@pytest.mark.parametrize("opt_in", [False, True], ids=["default", "opted-in"])
+def test_a_ported_series_imports_only_when_opted_in(monkeypatch, version, opt_in):
+    monkeypatch.setattr(compat, "PORTED_MCORE", ("0.20.0",))
+    monkeypatch.setattr(compat, "mcore_version", lambda: Version(version))
+    monkeypatch.setenv(compat.ALLOW_PORTED_ENV, "1" if opt_in else "0")
+    if opt_in:
+        assert compat.check_mcore_version() == Version(version)
     else:
-        with pytest.raises(ImportError, match=r">=0\.16\.1,<0\.17 \(tested\); ported, opt-in with "
-                           r"FP8FLOW_ALLOW_PORTED_MCORE=1: >=0\.19\.2,<0\.20; found " + re.escape(version) +
-                           r".*pip install 'megatron-core==0\.16\.1'"):
+        with pytest.raises(ImportError, match=re.escape(version) + r" is ported .*not GPU-verified.*"
+                           r"export FP8FLOW_ALLOW_PORTED_MCORE=1"):
             compat.check_mcore_version()
+
+
+@pytest.mark.parametrize("python, pin", [((3, 11), "0.16.1"), ((3, 12), "0.19.2"), ((3, 13), "0.19.2")])
+def test_the_suggested_pin_has_a_wheel_for_this_python(python, pin):
+    assert compat.suggested_pin(python) == f"pip install 'megatron-core=={pin}'"
 
 
 def test_install_requirement_spells_the_series():
@@ -88,11 +102,10 @@ def _import_under(version: str, opt_in: str):
 def test_importing_the_plugin_under_an_unsupported_megatron_core_fails_with_the_fix():
     proc = _import_under("0.18.0", "1")
     assert proc.returncode != 0
-    assert "ImportError: fp8flow_megatron supports megatron-core >=0.16.1,<0.17 (tested)" in proc.stderr
+    assert "ImportError: fp8flow_megatron supports megatron-core >=0.16.1,<0.17, >=0.19.2,<0.20 (tested)" in proc.stderr
     assert "pip install 'megatron-core==0.16.1'" in proc.stderr
 
 
-def test_importing_the_plugin_under_the_ported_megatron_core_needs_the_opt_in():
+def test_importing_the_plugin_under_megatron_core_0_19_needs_no_opt_in():
     proc = _import_under("0.19.2", "")
-    assert proc.returncode != 0
-    assert "not GPU-verified" in proc.stderr and "FP8FLOW_ALLOW_PORTED_MCORE=1" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
