@@ -20,9 +20,8 @@ cp "$CACHE"/whl/megatron_core-"$V"-cp312-*.whl "$OUTD/whl/"
 cat >"$OUTD/setup.sh" <<SETUP
 # Source this on the GPU machine from the project root, AFTER .gpu-bundle/setup.sh (which installed TE and
 # megatron-core 0.16.1 into /tmp/site): replaces megatron-core there with $V (written by scripts/make_mcore_bundle.sh).
-# MCORE_SITE=<dir> swaps it into that copy of /tmp/site instead (both versions side by side: gpu_suite_both_mcore.sh).
 B=\$(cd "\$(dirname "\${BASH_SOURCE[0]}")" && pwd)
-T=\${MCORE_SITE:-/tmp/site}
+T=/tmp/site
 rm -rf \$T/megatron \$T/megatron_core-*.dist-info
 python3 -m pip install -q --no-index --no-deps --no-compile --target \$T \$B/whl/megatron_core-*.whl 2>&1 | grep -v -i warning
 # a series that is only ported (compat.PORTED_MCORE, not yet GPU-run) imports only when opted in; a tested one ignores it
