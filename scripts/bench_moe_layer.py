@@ -13,6 +13,8 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   fp8flow         FP8FlowMoELayer: FP8 dispatch, fused kernels, the default GEMM engine (--moe-fp8-flow-gemm auto:
                   TE's grouped GEMM with <= 32 local experts, i.e. EP >= 2 here, else the single-launch Triton kernels)
   fp8flow_recomp  the same with --moe-expert-recompute
+  fp8flow_transient_wt (_triton, ...)  the same with megatron's --disable-parameter-transpose-cache: weights quantized
+                  every call, no transposed FP8 weight copy held from forward to backward (made per dgrad)
   fp8flow_triton, fp8flow_te (and fp8flow_recomp_triton / _te)  an engine forced: the Triton kernels, or TE's
                   grouped GEMM on the pre-quantized FP8
   <fp8flow variant>_graph  --cuda-graph: the same layer with --moe-fp8-flow-cuda-graph (EP=1, Triton engine, no
@@ -29,7 +31,8 @@ tables before 2026-12-01).
 The non-finite guard (ops/nonfinite.py) is on in every fp8flow variant without _noguard, as in training: the flags
 are raised inside the timed fwd+bwd, and guard.check() -- once per step in training, where the loss is read -- runs
 after each timed call, outside the CUDA events, timed on the host (check µs).
-Reported per variant: median fwd+bwd time (CUDA events), peak memory above the resident tensors, activation memory
+Reported per variant: median fwd+bwd time (CUDA events), resident memory (parameters, grads, FP8 weight caches,
+inputs) and the peak above it, activation memory
 (allocated after forward), standalone quantize/cast/transpose kernel launches per fwd+bwd (torch.profiler, names
 listed), and the relative L2 error of output, input grad, router grad and expert-weight grads vs an fp32 layer.
 
@@ -110,6 +113,7 @@ def build_layer(variant: str, args):
     )
     cfg.moe_fp8_flow = flow
     cfg.moe_expert_recompute = flow and "recomp" in variant
+    cfg.disable_parameter_transpose_cache = flow and "_transient_wt" in variant
     cfg.moe_fp8_flow_gemm = next((e for e in ("te_grouped", "te", "triton") if variant.endswith("_" + e)), "auto")
     cfg.moe_fp8_flow_cuda_graph = graphed
     spec = get_moe_module_spec(use_te=True, num_experts=NUM_EXPERTS, moe_grouped_gemm=True)
@@ -289,7 +293,8 @@ def measure_errors(layer, fp8, x, g, ref):
 
 
 def measure_memory(layer, fp8, x, g):
-    """(peak above resident, what the forward leaves alive for backward) in bytes."""
+    """(peak above resident, what the forward leaves alive for backward, resident) in bytes; resident: what is
+    allocated between calls (parameters, their .grad, FP8 weight caches, the inputs)."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -300,7 +305,7 @@ def measure_memory(layer, fp8, x, g):
     yy.backward(g)
     del yy, xx
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base, act
+    return torch.cuda.max_memory_allocated() - base, act, base
 
 
 def measure_times(layer, fp8, x, g, iters):
@@ -406,7 +411,7 @@ def _run_variant(variant, state, x, g, ref, args):
     errs = measure_errors(layer, fp8, xv, gv, ref)
     for _ in range(3):
         fwd_bwd(layer, fp8, xv, gv)
-    peak, act = measure_memory(layer, fp8, xv, gv)
+    peak, act, resident = measure_memory(layer, fp8, xv, gv)
     times, check_us = measure_times(layer, fp8, xv, gv, args.iters)
     guard_ratios = (
         measure_guard_interleaved(layer, fp8, xv, gv, args.iters)
@@ -421,12 +426,13 @@ def _run_variant(variant, state, x, g, ref, args):
     a2a_ms = sum(us for n, us in kernel_us.items() if A2A_RE.search(n)) / 1e3
     del layer
     torch.cuda.empty_cache()
-    ms, peak, act, a2a_ms = across_ranks([statistics.median(times), peak, act, a2a_ms], dist.ReduceOp.MAX)
+    ms, peak, act, resident, a2a_ms = across_ranks([statistics.median(times), peak, act, resident, a2a_ms], dist.ReduceOp.MAX)
     world = dist.get_world_size()
     mean_bytes = [b / world for b in across_ranks([a2a_bytes[p] for p in A2A.PHASES], dist.ReduceOp.SUM)]
     return {
         "ms": ms,
         "peak_gib": peak / 2**30,
+        "resident_gib": resident / 2**30,
         "act_gib": act / 2**30,
         "casts": sum(casts.values()),
         "cast_names": casts,
@@ -494,7 +500,7 @@ def format_table(results, args) -> str:
         title = f"### MoE layer fwd+bwd, DeepSeek-V2-Lite shapes, {args.tokens} tokens per GPU, EP={ep} — {ep}x {device}"
         command = f"torchrun --nproc-per-node {ep} scripts/bench_moe_layer.py --ep {ep} --tokens {args.tokens} --iters {args.iters}"
     header = ["variant", "median ms", "vs BF16"] + (["vs TE blockwise"] if ep > 1 else []) + [
-        "peak GiB (above resident)", "activation GiB", "vs BF16 act", "standalone cast/quant/transpose launches"]
+        "resident GiB", "peak GiB (above resident)", "activation GiB", "vs BF16 act", "standalone cast/quant/transpose launches"]
     if ep > 1:
         header += ["a2a ms", "a2a MB/rank", "dispatch MB/rank", "dispatch bytes vs BF16"]
     header += ["rel err out", "dx", "d router", "dW fc1", "dW fc2"]
@@ -505,7 +511,7 @@ def format_table(results, args) -> str:
         cells = [v, f"{res['ms']:.2f}", ratio(bf16["ms"], res["ms"]) if bf16 else "-"]
         if ep > 1:
             cells.append(ratio(te["ms"], res["ms"]) if te else "-")
-        cells += [f"{res['peak_gib']:.2f}", f"{res['act_gib']:.2f}",
+        cells += [f"{res['resident_gib']:.2f}", f"{res['peak_gib']:.2f}", f"{res['act_gib']:.2f}",
                   ratio(res["act_gib"], bf16["act_gib"]) if bf16 else "-", str(res["casts"])]
         if ep > 1:
             sent = res["a2a_bytes"]

@@ -4,7 +4,8 @@
 Why: weights are requantized every optimizer step, and the per-expert loop over the pure-torch spec costs ~30 ms per
 linear at 64 experts x [2816, 2048] bf16 on an H200. Here one program quantizes one 128x128 block of one expert and
 writes it twice: the [N, K] codes (fprop's operand) and the transposed [K, N] codes (dgrad's operand; a block keeps
-its scale, so the transpose is exact), plus both scale grids -- the weights are read once.
+its scale, so the transpose is exact), plus both scale grids -- the weights are read once. Either usage alone is
+written when only it is asked for (rowwise= / columnwise=).
 
 The experts' weights are separate tensors at arbitrary addresses (megatron keeps every expert's weight as its own
 parameter inside the DDP parameter buffer), so the kernel reads a device table of their data pointers instead of one
@@ -25,7 +26,7 @@ import torch
 
 from ..numerics.format import BLOCK, E4M3_MAX, FP8_DTYPE, ceil_div, check_nonfinite_flag
 from ._tables import cached_int64_table
-from ..numerics.gemm import Fp8BlockwiseStack, check_weight_stack, check_weight_stack_out
+from ..numerics.gemm import Fp8BlockwiseStack, check_weight_stack, check_weight_stack_out, check_weight_stack_usages
 from ._triton import jit, require_cuda, require_triton, tl
 from .quantize import flag_arg, quantize_1x128_rows, raise_nonfinite_flag
 
@@ -54,6 +55,8 @@ def _quantize_weight_stack_kernel(
     FP8_MAX: tl.constexpr,
     PTRS_ALIGNED_16: tl.constexpr,
     HAS_FLAG: tl.constexpr,
+    ROWWISE: tl.constexpr,  # write the [N, K] codes and scales
+    COLUMNWISE: tl.constexpr,  # write the transposed [K, N] codes and scales
 ):
     # grid (blocks of one expert, k-blocks fastest; experts): programs running together read the same 128 rows
     kb = tl.program_id(0) % NUM_K_BLOCKS
@@ -81,21 +84,25 @@ def _quantize_weight_stack_kernel(
     scale_inv = tl.where(scale_inv == 0.0, tl.full(scale_inv.shape, 0x00400000, tl.int32).to(tl.float32, bitcast=True),
                          scale_inv)  # fmt: skip
     expert_elems = expert * N * K
-    tl.store(codes_ptr + expert_elems + rows64[:, None] * K + cols[None, :], codes, mask=mask)
-    # The transposed block moved as bytes (the transpose goes through shared memory; no fp8 conversion involved).
-    codes_t = tl.trans(codes.to(tl.uint8, bitcast=True))
-    mask_t = (cols < K)[:, None] & (rows < N)[None, :]
-    tl.store(codes_t_ptr + expert_elems + cols64[:, None] * N + rows[None, :], codes_t, mask=mask_t)
     one = tl.arange(0, 1)  # scale_inv is a [1] tensor (one block)
-    tl.store(scale_inv_ptr + (expert * NUM_N_BLOCKS + nb) * NUM_K_BLOCKS + kb + one, scale_inv)
-    tl.store(scale_inv_t_ptr + (expert * NUM_K_BLOCKS + kb) * NUM_N_BLOCKS + nb + one, scale_inv)
+    if ROWWISE:
+        tl.store(codes_ptr + expert_elems + rows64[:, None] * K + cols[None, :], codes, mask=mask)
+        tl.store(scale_inv_ptr + (expert * NUM_N_BLOCKS + nb) * NUM_K_BLOCKS + kb + one, scale_inv)
+    if COLUMNWISE:
+        # The transposed block moved as bytes (the transpose goes through shared memory; no fp8 conversion involved).
+        codes_t = tl.trans(codes.to(tl.uint8, bitcast=True))
+        mask_t = (cols < K)[:, None] & (rows < N)[None, :]
+        tl.store(codes_t_ptr + expert_elems + cols64[:, None] * N + rows[None, :], codes_t, mask=mask_t)
+        tl.store(scale_inv_t_ptr + (expert * NUM_K_BLOCKS + kb) * NUM_N_BLOCKS + nb + one, scale_inv)
 
 
 def quantize_weight_stack_triton(
     weights: Sequence[torch.Tensor],
     nonfinite_flag: Optional[torch.Tensor] = None,
-    out: Optional[Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]] = None,
-) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
+    out: Optional[Tuple[Optional[Fp8BlockwiseStack], Optional[Fp8BlockwiseStack]]] = None,
+    rowwise: bool = True,
+    columnwise: bool = True,
+) -> Tuple[Optional[Fp8BlockwiseStack], Optional[Fp8BlockwiseStack]]:
     """128x128 quantization of all E experts of one linear in one launch; twin of numerics.gemm.quantize_weight_stack.
 
     weights: E >= 1 separate CUDA [N, K] tensors of one shape, dtype (fp32 or bf16) and device, each CONTIGUOUS
@@ -109,9 +116,11 @@ def quantize_weight_stack_triton(
         stack:   data [E, N, K] e4m3 row-major, scale_inv [E, ceil(N/128), ceil(K/128)] fp32 (fprop's B operand);
         stack_t: data [E, K, N] e4m3, scale_inv [E, ceil(K/128), ceil(N/128)] (dgrad's B operand), the exact
                  128x128 block transpose of stack.
-    out:     None, or a (stack, stack_t) pair of exactly those shapes and dtypes (an earlier result): the kernel writes
-             into it (no allocation) and returns it, so that a captured CUDA graph reading those buffers sees the
-             new codes.
+    rowwise / columnwise: which of the two to make and return (None for the other; at least one): the weights are
+             read once either way, only the stores differ.
+    out:     None, or a (stack, stack_t) pair of exactly those shapes and dtypes (an earlier result of the same usages,
+             None where not made): the kernel writes into it (no allocation) and returns it, so that a captured CUDA
+             graph reading those buffers sees the new codes.
     Host work: one pass over the weights (checks, addresses); the device table of the E addresses is copied once per
     set of addresses (pinned, non-blocking) and reused after that. The stream is never synchronized.
     """
@@ -119,6 +128,7 @@ def quantize_weight_stack_triton(
     num_experts, n, k = check_weight_stack(weights, op)
     require_cuda(op, *weights)
     check_nonfinite_flag(nonfinite_flag, weights[0].device, op)
+    check_weight_stack_usages(rowwise, columnwise, op)
     for i, w in enumerate(weights):
         if not w.is_contiguous():
             raise ValueError(
@@ -130,24 +140,29 @@ def quantize_weight_stack_triton(
     device = weights[0].device
     nbn, nbk = ceil_div(n, BLOCK), ceil_div(k, BLOCK)
     if out is None:
-        data = torch.empty(num_experts, n, k, dtype=FP8_DTYPE, device=device)
-        data_t = torch.empty(num_experts, k, n, dtype=FP8_DTYPE, device=device)
-        scale_inv = torch.empty(num_experts, nbn, nbk, dtype=torch.float32, device=device)
-        scale_inv_t = torch.empty(num_experts, nbk, nbn, dtype=torch.float32, device=device)
+        made = (
+            Fp8BlockwiseStack(torch.empty(num_experts, n, k, dtype=FP8_DTYPE, device=device),
+                              torch.empty(num_experts, nbn, nbk, dtype=torch.float32, device=device))
+            if rowwise else None,
+            Fp8BlockwiseStack(torch.empty(num_experts, k, n, dtype=FP8_DTYPE, device=device),
+                              torch.empty(num_experts, nbk, nbn, dtype=torch.float32, device=device))
+            if columnwise else None,
+        )  # fmt: skip
     else:
-        check_weight_stack_out(out, num_experts, n, k, device, op)
-        (data, scale_inv), (data_t, scale_inv_t) = (out[0].data, out[0].scale_inv), (out[1].data, out[1].scale_inv)
+        check_weight_stack_out(out, num_experts, n, k, device, op, rowwise, columnwise)
+        made = tuple(out)
+    # a usage not made passes the other's buffers, which the kernel then never stores to (ROWWISE / COLUMNWISE)
+    rows_out = made[0] if rowwise else made[1]
+    cols_out = made[1] if columnwise else made[0]
     if n > 0:
         require_triton(op)
         addresses = [w.data_ptr() for w in weights]
         table = cached_int64_table(addresses, device)  # made once per set of weight addresses, then reused
         _quantize_weight_stack_kernel[(nbn * nbk, num_experts)](
-            table, weights[0], data, data_t.view(torch.uint8), scale_inv, scale_inv_t,
-            flag_arg(nonfinite_flag, scale_inv), n, k, nbn, nbk,
+            table, weights[0], rows_out.data, cols_out.data.view(torch.uint8), rows_out.scale_inv, cols_out.scale_inv,
+            flag_arg(nonfinite_flag, rows_out.scale_inv), n, k, nbn, nbk,
             BLOCK_SIZE=BLOCK, FP8_MAX=E4M3_MAX, PTRS_ALIGNED_16=all(a % 16 == 0 for a in addresses),
-            HAS_FLAG=nonfinite_flag is not None, num_warps=_NUM_WARPS,
+            HAS_FLAG=nonfinite_flag is not None, ROWWISE=rowwise, COLUMNWISE=columnwise, num_warps=_NUM_WARPS,
         )  # fmt: skip
-    if out is not None:
-        return out
-    return Fp8BlockwiseStack(data, scale_inv), Fp8BlockwiseStack(data_t, scale_inv_t)
+    return out if out is not None else made
 

@@ -35,7 +35,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     signal -- `is_first_microbatch`, which its schedules set through `set_is_first_microbatch()` on the first
     micro-batch of each training step and of each evaluation, exactly as megatron's TE linears use it for TE's FP8
     weight cache -- and after a checkpoint load. The other micro-batches, their backward passes and any recompute reuse
-    those codes. `config.disable_parameter_transpose_cache` (TE's is_first_microbatch=None) quantizes on every call.
+    those codes. `config.disable_parameter_transpose_cache` (TE's is_first_microbatch=None) quantizes on every call,
+    and holds no transposed FP8 weight copy from forward to backward: each dgrad's transposed codes are made right
+    before it and freed after (Triton engine; one E*N*K-byte copy per linear less, 1.66 GB in the DeepSeek-V2-Lite
+    proxy's three MoE layers, for one weight read per linear per backward; the TE engines keep both usages).
     A loop that calls the model without megatron's schedule must call `model.set_is_first_microbatch()` after each
     optimizer step, as it must for TE's FP8 layers.
     """
@@ -60,6 +63,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self._weights_quantized_outside = False  # set while a CUDA graph is captured (megatron/cuda_graph.py)
         self.is_first_microbatch = True  # set again by megatron's schedule at every step (see the class docstring)
         self._quantize_every_call = bool(getattr(config, "disable_parameter_transpose_cache", False))
+        self._transpose_in_backward = self._quantize_every_call  # no W^T held from forward to backward
         # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
         self.fuse_wgrad_accumulation = bool(getattr(config, "gradient_accumulation_fusion", False))
         self.telemetry_prefix = ""  # "layer{N}/", set by FP8FlowMoELayer: FP8 health sites per layer
@@ -87,6 +91,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             refresh_weights=refresh,
             fuse_wgrad_accumulation=self.fuse_wgrad_accumulation,
             telemetry_site_prefix=self.telemetry_prefix,
+            transpose_in_backward=self._transpose_in_backward,
         )
         return output, None
 
@@ -111,7 +116,8 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         engine = gemm_engine_for(device, self.gemm_engine, self.num_local_experts)
         for name, linear in (("fc1", self.linear_fc1), ("fc2", self.linear_fc2)):
             self._weight_cache.get_group(name, self._weights(linear), engine, refresh,
-                                         guard_site=f"{self.telemetry_prefix}{name}_weight")
+                                         guard_site=f"{self.telemetry_prefix}{name}_weight",
+                                         columnwise=not self._transpose_in_backward)
 
     @contextlib.contextmanager
     def weights_quantized_outside(self):

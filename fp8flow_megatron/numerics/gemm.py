@@ -118,9 +118,11 @@ def check_weight_stack(weights: Sequence[torch.Tensor], op: str) -> Tuple[int, i
 def quantize_weight_stack(
     weights: Sequence[torch.Tensor],
     nonfinite_flag: Optional[torch.Tensor] = None,
-    out: Optional[Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]] = None,
-) -> Tuple[Fp8BlockwiseStack, Fp8BlockwiseStack]:
-    """128x128 quantization of all E experts of one linear, in both usages the grouped GEMMs read.
+    out: Optional[Tuple[Optional[Fp8BlockwiseStack], Optional[Fp8BlockwiseStack]]] = None,
+    rowwise: bool = True,
+    columnwise: bool = True,
+) -> Tuple[Optional[Fp8BlockwiseStack], Optional[Fp8BlockwiseStack]]:
+    """128x128 quantization of all E experts of one linear, in the usages the grouped GEMMs read (both by default).
 
     weights: E >= 1 separate [N, K] tensors of one shape, dtype (fp32 or bf16) and device, each anywhere in memory
              (in training: nn.Parameters inside megatron's DDP parameter buffer, or .detach()ed views of them); any
@@ -132,35 +134,61 @@ def quantize_weight_stack(
                  quantize_128x128(weights[e]) (fprop's B operand);
         stack_t: data [E, K, N] e4m3, scale_inv [E, ceil(K/128), ceil(N/128)] -- exactly transpose_128x128 of it
                  (dgrad's B operand; a block keeps its scale, so no requantization).
-    out:     None, or a (stack, stack_t) pair of exactly those shapes and dtypes (an earlier result): written in place
-             and returned, so that a consumer holding their addresses (a captured CUDA graph) reads the new codes.
+    rowwise / columnwise: which of the two to make (TE's quantizer usages); the other comes back as None. At least
+             one. columnwise alone re-makes a dgrad operand in backward from the weights the forward quantized (the
+             same codes: a block's scale does not depend on the direction it is read in), so that no transposed
+             copy is held from forward to backward (megatron's --disable-parameter-transpose-cache).
+    out:     None, or a (stack, stack_t) pair of exactly those shapes and dtypes (an earlier result of the same
+             usages, None where not made): written in place and returned, so that a consumer holding their addresses
+             (a captured CUDA graph) reads the new codes.
     """
-    num_experts, n, k = check_weight_stack(weights, "quantize_weight_stack")
+    op = "quantize_weight_stack"
+    num_experts, n, k = check_weight_stack(weights, op)
+    check_weight_stack_usages(rowwise, columnwise, op)
     if out is not None:
-        check_weight_stack_out(out, num_experts, n, k, weights[0].device, "quantize_weight_stack")
+        check_weight_stack_out(out, num_experts, n, k, weights[0].device, op, rowwise, columnwise)
     stack = Fp8BlockwiseStack.quantize(weights, functools.partial(quantize_128x128, nonfinite_flag=nonfinite_flag))
-    stack_t = stack.t()
+    made = (stack if rowwise else None, stack.t() if columnwise else None)
     if out is None:
-        return stack, stack_t
-    for dst, src in zip(out, (stack, stack_t)):
-        dst.data.copy_(src.data)
-        dst.scale_inv.copy_(src.scale_inv)
+        return made
+    for dst, src in zip(out, made):
+        if src is not None:
+            dst.data.copy_(src.data)
+            dst.scale_inv.copy_(src.scale_inv)
     return out
 
 
-def check_weight_stack_out(out, num_experts: int, n: int, k: int, device, op: str) -> None:
+def check_weight_stack_usages(rowwise: bool, columnwise: bool, op: str) -> None:
+    if not (rowwise or columnwise):
+        raise ValueError(f"{op}: rowwise=False and columnwise=False make nothing; ask for at least one usage")
+
+
+def check_weight_stack_out(
+    out, num_experts: int, n: int, k: int, device, op: str, rowwise: bool = True, columnwise: bool = True
+) -> None:
     """The error that says what is wrong with the `out` pair of a weight-stack quantization (shared with the kernel):
     (stack, stack_t) with data [E, N, K] / [E, K, N] e4m3 and scale_inv [E, ceil(N/128), ceil(K/128)] /
-    [E, ceil(K/128), ceil(N/128)] fp32, contiguous, on the weights' device."""
+    [E, ceil(K/128), ceil(N/128)] fp32, contiguous, on the weights' device; None for a usage not asked for."""
     if len(out) != 2:
         raise ValueError(f"{op}: out must be a (stack, stack_t) pair, got {len(out)} items")
+    for name, item, wanted in (("stack", out[0], rowwise), ("stack_t", out[1], columnwise)):
+        if (item is not None) != wanted:
+            raise ValueError(
+                f"{op}: out's {name} is {'None' if item is None else 'a stack'} but {'rowwise' if name == 'stack' else 'columnwise'}="
+                f"{wanted}; pass the pair an earlier call with the same rowwise= / columnwise= returned"
+            )
     nb, kb = -(-n // BLOCK), -(-k // BLOCK)
-    expected = (
-        ("stack.data", out[0].data, (num_experts, n, k), torch.float8_e4m3fn),
-        ("stack.scale_inv", out[0].scale_inv, (num_experts, nb, kb), torch.float32),
-        ("stack_t.data", out[1].data, (num_experts, k, n), torch.float8_e4m3fn),
-        ("stack_t.scale_inv", out[1].scale_inv, (num_experts, kb, nb), torch.float32),
-    )
+    expected = ()
+    if rowwise:
+        expected += (
+            ("stack.data", out[0].data, (num_experts, n, k), torch.float8_e4m3fn),
+            ("stack.scale_inv", out[0].scale_inv, (num_experts, nb, kb), torch.float32),
+        )
+    if columnwise:
+        expected += (
+            ("stack_t.data", out[1].data, (num_experts, k, n), torch.float8_e4m3fn),
+            ("stack_t.scale_inv", out[1].scale_inv, (num_experts, kb, nb), torch.float32),
+        )
     for name, t, shape, dtype in expected:
         if tuple(t.shape) != shape or t.dtype != dtype or t.device != torch.device(device) or not t.is_contiguous():
             raise ValueError(

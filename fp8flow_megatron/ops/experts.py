@@ -49,24 +49,29 @@ class WeightQuantCache:
         # (ops/graphs.py, megatron/cuda_graph.py). Engines with in-place quantization (Triton) honour it.
         self.persistent = persistent
 
-    def get_group(self, name: str, weights, engine, refresh: bool, guard_site: Optional[str] = None):
+    def get_group(self, name: str, weights, engine, refresh: bool, guard_site: Optional[str] = None,
+                  columnwise: bool = True):  # fmt: skip
         """All experts' weights of linear `name` in the engine's form (a list, or one stacked buffer): quantized anew
         when `refresh` (a new optimizer step) or when nothing fitting is cached, else the cached codes. guard_site:
-        the non-finite guard site that a quantization raises (forward direction), e.g. "layer2/fc1_weight"."""
+        the non-finite guard site that a quantization raises (forward direction), e.g. "layer2/fc1_weight".
+        columnwise=False: without the dgrad's transposed codes, on an engine that can make them in backward
+        (`columnwise_in_backward`; the TE engines always keep both)."""
+        columnwise = columnwise or not getattr(engine, "columnwise_in_backward", False)
+        key = (engine.name, len(weights), columnwise)
         hit = self._entries.get(name)
-        if not refresh and hit is not None and hit[0] == (engine.name, len(weights)):
+        if not refresh and hit is not None and hit[0] == key:
             return hit[1]
         flag = guard.flag(guard_site, "forward", weights[0].device) if guard_site is not None and weights else None
         # an engine without in-place quantization (the CPU reference) replaces the buffers; a graph captured on the
         # old ones notices through addresses() and is captured again
-        in_place = (self.persistent and getattr(engine, "quantizes_in_place", False) and hit is not None
-                    and hit[0] == (engine.name, len(weights)))
+        in_place = self.persistent and getattr(engine, "quantizes_in_place", False) and hit is not None and hit[0] == key
+        kwargs = {} if columnwise else {"columnwise": False}
         with torch.no_grad():
             if in_place:
-                w_q = engine.quantize_weights(weights, nonfinite_flag=flag, out=hit[1])
+                w_q = engine.quantize_weights(weights, nonfinite_flag=flag, out=hit[1], **kwargs)
             else:
-                w_q = engine.quantize_weights(weights, nonfinite_flag=flag)
-        self._entries[name] = ((engine.name, len(weights)), w_q)
+                w_q = engine.quantize_weights(weights, nonfinite_flag=flag, **kwargs)
+        self._entries[name] = (key, w_q)
         self.num_quantizations += 1
         return w_q
 
@@ -134,6 +139,15 @@ def _unpack(data: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Blockwise:
     return Fp8Blockwise(data, scale_inv)
 
 
+def _dgrad_weights(engine, w_q, weights, transpose_in_backward: bool):
+    """The weights in the form the engine's dgrad reads: the cached codes, or (transpose_in_backward) those plus the
+    transposed codes made now from the same weights -- held by the caller only for its dgrad."""
+    if not transpose_in_backward or not getattr(engine, "columnwise_in_backward", False):
+        return w_q
+    with torch.no_grad():
+        return engine.columnwise_weights(w_q, [w.detach() for w in weights])
+
+
 def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix, observe=True):
     """fc1 GEMM, then weighted SwiGLU fused with its quantization (guard site swiglu_out, forward; the recompute in
     backward raises the same slot, as it quantizes the same values). observe: record FP8 health (not on recompute)."""
@@ -146,19 +160,21 @@ def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix, observ
 
 class _Fp8FlowExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, refresh, fuse_wgrad, site_prefix, *weights):
+    def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, refresh, fuse_wgrad, site_prefix,
+                transpose_in_backward, *weights):  # fmt: skip
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
         b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name, num_experts)
         x_q = x.fp8
         out_dtype = x.dtype
-        w1_q = cache.get_group("fc1", w1, engine, refresh, guard_site=site_prefix + "fc1_weight")
-        w2_q = cache.get_group("fc2", w2, engine, refresh, guard_site=site_prefix + "fc2_weight")
+        columnwise = not transpose_in_backward
+        w1_q = cache.get_group("fc1", w1, engine, refresh, guard_site=site_prefix + "fc1_weight", columnwise=columnwise)
+        w2_q = cache.get_group("fc2", w2, engine, refresh, guard_site=site_prefix + "fc2_weight", columnwise=columnwise)
         y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype, site_prefix)
         y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
         ctx.m_splits, ctx.recompute, ctx.out_dtype = m_splits, recompute, out_dtype
         ctx.num_experts, ctx.engine_name, ctx.fuse_wgrad = num_experts, engine_name, fuse_wgrad
-        ctx.site_prefix = site_prefix
+        ctx.site_prefix, ctx.transpose_in_backward = site_prefix, transpose_in_backward
         # The FP8 weights this forward used: backward and recompute must use the same ones (no tensor copies: these
         # are the cache's objects).
         ctx.w1_q, ctx.w2_q = w1_q, w2_q
@@ -193,16 +209,16 @@ class _Fp8FlowExperts(torch.autograd.Function):
             )
             monitor.observe(ctx.site_prefix + "expert_out_grad", grad_y2, g2_q)
 
-        grad_a = engine.dgrad(g2_q, w2_q, m_splits, out_dtype)
+        grad_a = engine.dgrad(g2_q, _dgrad_weights(engine, w2_q, w2, ctx.transpose_in_backward), m_splits, out_dtype)
         dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad)
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(
             grad_a, y1, probs, guard.flag(ctx.site_prefix + "dswiglu_out", "backward", grad_a.device)
         )
         if monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input of the quantizer
             monitor.observe(ctx.site_prefix + "dswiglu_out", _swiglu.weighted_swiglu_backward(grad_a, y1, probs)[0], g1_q)
-        grad_x = engine.dgrad(g1_q, w1_q, m_splits, out_dtype)
+        grad_x = engine.dgrad(g1_q, _dgrad_weights(engine, w1_q, w1, ctx.transpose_in_backward), m_splits, out_dtype)
         dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad)
-        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, *dw1, *dw2)
+        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, None, *dw1, *dw2)
 
 
 def fp8_flow_experts(
@@ -217,6 +233,7 @@ def fp8_flow_experts(
     refresh_weights: bool = True,
     fuse_wgrad_accumulation: bool = False,
     telemetry_site_prefix: str = "",
+    transpose_in_backward: bool = False,
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -238,6 +255,10 @@ def fp8_flow_experts(
                  gradient_accumulation_fusion; the autograd gradients returned are zero dummies), else return them.
     telemetry_site_prefix: prepended to the site names of FP8 health telemetry and of the non-finite guard ("layer3/"
                  -> "layer3/swiglu_out", "layer3/fc1_weight").
+    transpose_in_backward: hold no transposed FP8 weight copy from forward to backward: the cache keeps only the
+                 fprop codes, and each dgrad gets the transposed codes made right before it from the same weights
+                 (the same codes, so the same results), freed after (triton and reference engines; the TE engines
+                 keep both usages). Costs one weight-read per linear per backward; saves E*N*K bytes per linear.
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):
@@ -245,5 +266,5 @@ def fp8_flow_experts(
     rows = m_splits if isinstance(m_splits, RowGroups) else [int(m) for m in m_splits]
     return _Fp8FlowExperts.apply(
         x, probs, rows, recompute, cache or WeightQuantCache(), gemm_engine, bool(refresh_weights),
-        bool(fuse_wgrad_accumulation), telemetry_site_prefix, *fc1_weights, *fc2_weights,
+        bool(fuse_wgrad_accumulation), telemetry_site_prefix, bool(transpose_in_backward), *fc1_weights, *fc2_weights,
     )

@@ -46,13 +46,23 @@ TE_MIN, TE_MAX_EXCLUSIVE = "2.12", "2.21"
 
 class ReferenceGemm:
     name = "reference"
+    # quantize_weights(columnwise=False) + columnwise_weights(): the dgrad operand made in backward, not held from
+    # forward (ops/experts.py, megatron's --disable-parameter-transpose-cache)
+    columnwise_in_backward = True
 
     def quantize_weight(self, w: torch.Tensor, nonfinite_flag=None):
         w_q = backend_for(w.device).quantize_128x128(w.detach(), nonfinite_flag)
         return w_q, transpose_128x128(w_q)
 
-    def quantize_weights(self, weights, nonfinite_flag=None):
-        return [self.quantize_weight(w, nonfinite_flag) for w in weights]
+    def quantize_weights(self, weights, nonfinite_flag=None, columnwise: bool = True):
+        """Per expert (w_q, w_q^T); (w_q, None) without columnwise."""
+        pairs = [self.quantize_weight(w, nonfinite_flag) for w in weights]
+        return pairs if columnwise else [(w_q, None) for w_q, _ in pairs]
+
+    def columnwise_weights(self, w_q, weights):
+        """w_q as quantize_weights(weights) returns it, the dgrad operands included (made from `weights`, the
+        values quantize_weights(..., columnwise=False) read: the same codes)."""
+        return [(w, transpose_128x128(w)) for w, _ in w_q]
 
     def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
         if isinstance(m_splits, RowGroups):
@@ -284,10 +294,20 @@ class TritonGroupedGemm:
 
     name = "triton"
     quantizes_in_place = True  # quantize_weights(out=...): the persistent weight buffers a CUDA graph reads
+    columnwise_in_backward = True  # see ReferenceGemm
 
-    def quantize_weights(self, weights, nonfinite_flag=None, out=None):
-        """(stack, stack_t) of all experts' weights; out: an earlier result to write into (same shapes)."""
-        return backend_for(weights[0].device).quantize_weight_stack(weights, nonfinite_flag, out=out)
+    def quantize_weights(self, weights, nonfinite_flag=None, out=None, columnwise: bool = True):
+        """(stack, stack_t) of all experts' weights, (stack, None) without columnwise; out: an earlier result of the
+        same form to write into."""
+        return backend_for(weights[0].device).quantize_weight_stack(weights, nonfinite_flag, out=out,
+                                                                    columnwise=columnwise)  # fmt: skip
+
+    def columnwise_weights(self, w_q, weights):
+        """(stack, stack_t) from quantize_weights(weights, columnwise=False)'s (stack, None): stack_t quantized
+        from the same weights in one launch that writes only the transposed codes (the same codes as the full
+        quantization; the transposed FP8 copy exists only while the caller holds it)."""
+        stack_t = backend_for(weights[0].device).quantize_weight_stack(weights, rowwise=False)[1]
+        return w_q[0], stack_t
 
     @staticmethod
     def _gemm(a_q, w, rows, out_dtype):

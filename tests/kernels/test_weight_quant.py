@@ -40,11 +40,15 @@ def assert_codes_equal(got, ref, what):
 
 def assert_stacks_equal(got, ref, what):
     (s, s_t), (r, r_t) = got, ref
-    assert s.data.is_contiguous() and s_t.data.is_contiguous() and s.scale_inv.is_contiguous(), what
-    assert_codes_equal(s.data, r.data, f"{what} codes")
-    assert_bitwise_equal(s.scale_inv, r.scale_inv, f"{what} scale_inv")
-    assert_codes_equal(s_t.data, r_t.data, f"{what} transposed codes")
-    assert_bitwise_equal(s_t.scale_inv, r_t.scale_inv, f"{what} transposed scale_inv")
+    assert (s is None) == (r is None) and (s_t is None) == (r_t is None), f"{what}: usages differ from the twin's"
+    if s is not None:
+        assert s.data.is_contiguous() and s.scale_inv.is_contiguous(), what
+        assert_codes_equal(s.data, r.data, f"{what} codes")
+        assert_bitwise_equal(s.scale_inv, r.scale_inv, f"{what} scale_inv")
+    if s_t is not None:
+        assert s_t.data.is_contiguous() and s_t.scale_inv.is_contiguous(), what
+        assert_codes_equal(s_t.data, r_t.data, f"{what} transposed codes")
+        assert_bitwise_equal(s_t.scale_inv, r_t.scale_inv, f"{what} transposed scale_inv")
 
 
 @pytest.mark.parametrize("pad", [0, 3])
@@ -58,6 +62,17 @@ def test_weight_stack_matches_twin(num_experts, n, k, dtype, pad):
         assert all(v.data_ptr() % 16 == 0 for v in views)
     what = f"E={num_experts} [{n}, {k}] {dtype} pad={pad}"
     assert_stacks_equal(quantize_weight_stack_triton(views), quantize_weight_stack(weights), what)
+    # one usage alone (the forward's codes without the transpose; the transpose alone in backward), fresh and out=
+    for rowwise, columnwise in ((True, False), (False, True)):
+        usage = dict(rowwise=rowwise, columnwise=columnwise)
+        got = quantize_weight_stack_triton(views, **usage)
+        assert_stacks_equal(got, quantize_weight_stack(weights, **usage), f"{what} {usage}")
+        for v, w in zip(views, reversed(weights)):
+            v.copy_(w)
+        assert quantize_weight_stack_triton(views, out=got, **usage) is got
+        assert_stacks_equal(got, quantize_weight_stack(list(reversed(weights)), **usage), f"{what} {usage} out=")
+        for v, w in zip(views, weights):
+            v.copy_(w)
 
 
 @pytest.mark.parametrize("n,k", [(2816, 2048), (2048, 1408)])

@@ -100,6 +100,27 @@ def test_expert_recompute_gives_identical_gradients(megatron_ep1):
         assert torch.equal(pa.grad, pb.grad), na
 
 
+def test_disable_parameter_transpose_cache_holds_no_transposed_weights(megatron_ep1):
+    # megatron's --disable-parameter-transpose-cache: the weights are quantized on every call and no transposed FP8
+    # copy is held from forward to backward; the results are bit-identical to the cached default.
+    torch.manual_seed(2)
+    cfg_a, cfg_b = moe_config(True), moe_config(True)
+    cfg_b.disable_parameter_transpose_cache = True
+    a, b = moe_layer(cfg_a), moe_layer(cfg_b)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(24, 2, 128)
+    for _ in range(2):  # the second call: b quantizes again (every call), a reuses its codes
+        ya, dxa, dra = run_layer(a, x)
+        yb, dxb, drb = run_layer(b, x)
+        assert torch.equal(ya, yb) and torch.equal(dxa, dxb) and torch.equal(dra, drb)
+        for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(pa.grad, pb.grad), na
+    assert a.experts._weight_cache.num_quantizations == 2 and b.experts._weight_cache.num_quantizations == 4
+    for name in ("fc1", "fc2"):
+        assert all(w_t is None for _, w_t in b.experts._weight_cache.cached(name)), name
+        assert all(w_t is not None for _, w_t in a.experts._weight_cache.cached(name)), name
+
+
 def test_flag_off_is_stock(megatron_ep1):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 

@@ -130,6 +130,31 @@ def test_weight_stack_is_per_expert_quantization(num_experts, n, k, dtype):
     assert_stack_is_per_expert(stack, stack_t, weights, f"E={num_experts} [{n}, {k}] {dtype}")
 
 
+@pytest.mark.parametrize("rowwise,columnwise", [(True, False), (False, True)], ids=["rowwise", "columnwise"])
+def test_weight_stack_one_usage(rowwise, columnwise):
+    # One usage alone: exactly that half of the full result, the other None; out= of that form is written in place;
+    # a form that does not match, or no usage at all, is refused with what to pass.
+    weights = special_weights(3, 200, 130, torch.float32, seed=2)
+    full = quantize_weight_stack(weights)
+    got = quantize_weight_stack(weights, rowwise=rowwise, columnwise=columnwise)
+    for g, f, wanted in zip(got, full, (rowwise, columnwise)):
+        assert (g is not None) == wanted
+        if wanted:
+            assert torch.equal(_codes(g.data), _codes(f.data)) and torch.equal(g.scale_inv, f.scale_inv)
+    new = special_weights(3, 200, 130, torch.float32, seed=9)
+    out = quantize_weight_stack(new, out=got, rowwise=rowwise, columnwise=columnwise)
+    assert out[0] is got[0] and out[1] is got[1]
+    made = out[0] if rowwise else out[1]
+    ref = quantize_weight_stack(new)[0 if rowwise else 1]
+    assert torch.equal(_codes(made.data), _codes(ref.data)) and torch.equal(made.scale_inv, ref.scale_inv)
+    with pytest.raises(ValueError, match="same rowwise= / columnwise="):
+        quantize_weight_stack(new, out=got)
+    with pytest.raises(ValueError, match="same rowwise= / columnwise="):
+        quantize_weight_stack(new, out=full, rowwise=rowwise, columnwise=columnwise)
+    with pytest.raises(ValueError, match="at least one usage"):
+        quantize_weight_stack(new, rowwise=False, columnwise=False)
+
+
 def test_weight_stack_special_blocks_are_exercised():
     # The awkward blocks really land where the scale rule has its special cases.
     weights = special_weights(1, 256, 384, torch.float32, seed=0)
