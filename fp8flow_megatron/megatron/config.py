@@ -9,6 +9,9 @@ Flags (Megatron style, usable as Megatron-LM's extra_args_provider):
   --moe-fp8-flow-cuda-graph  CUDA-graph capture of each FP8-Flow MoE layer's dispatch + experts + combine, forward
                            and backward (EP=1, Triton engine; megatron/cuda_graph.py). Megatron's own CUDA graphs
                            (--cuda-graph-impl, --enable-cuda-graph, --external-cuda-graph) stay refused with FP8-Flow.
+  --disable-parameter-transpose-cache  megatron-core's TransformerConfig field of that name (Megatron-LM has no flag
+                           for it): no FP8 weight cache across micro-batches, and no transposed FP8 expert weights held
+                           from forward to backward (megatron/experts.py).
 """
 
 from __future__ import annotations
@@ -106,6 +109,20 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             "step into the buffers the graphs read. Experimental: refused unless FP8FLOW_EXPERIMENTAL_CUDA_GRAPH=1 "
             "(its backward capture fails inside megatron's training loop). Evaluation, logged (telemetry) "
             "iterations and a new input shape's first call run eager. Not with megatron's --cuda-graph-impl.",
+        )
+    if not _has_option(parser, "--disable-parameter-transpose-cache"):
+        # megatron-core's TransformerConfig.disable_parameter_transpose_cache, which Megatron-LM has no flag for: the
+        # dest is the field's name, so Megatron-LM's core_transformer_config_from_args (and this package's trainer)
+        # carry it onto the config, where TE's linears read it too
+        group.add_argument(
+            "--disable-parameter-transpose-cache",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="megatron-core's TransformerConfig.disable_parameter_transpose_cache: no FP8 weight copy is cached "
+            "across micro-batches (TE's linears and FP8-Flow's experts quantize their weights on every call), and "
+            "FP8-Flow's experts hold no transposed FP8 weight copy from forward to backward (each dgrad quantizes "
+            "its W^T right before it and frees it after; Triton engine): one E*N*K-byte copy per expert linear "
+            "less, for one weight read per linear per micro-batch.",
         )
     return parser
 

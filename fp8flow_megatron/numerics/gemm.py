@@ -137,7 +137,7 @@ def quantize_weight_stack(
     rowwise / columnwise: which of the two to make (TE's quantizer usages); the other comes back as None. At least
              one. columnwise alone re-makes a dgrad operand in backward from the weights the forward quantized (the
              same codes: a block's scale does not depend on the direction it is read in), so that no transposed
-             copy is held from forward to backward (megatron's --disable-parameter-transpose-cache).
+             copy is held from forward to backward (--disable-parameter-transpose-cache).
     out:     None, or a (stack, stack_t) pair of exactly those shapes and dtypes (an earlier result of the same
              usages, None where not made): written in place and returned, so that a consumer holding their addresses
              (a captured CUDA graph) reads the new codes.

@@ -47,7 +47,7 @@ TE_MIN, TE_MAX_EXCLUSIVE = "2.12", "2.21"
 class ReferenceGemm:
     name = "reference"
     # quantize_weights(columnwise=False) + columnwise_weights(): the dgrad operand made in backward, not held from
-    # forward (ops/experts.py, megatron's --disable-parameter-transpose-cache)
+    # forward (ops/experts.py; config.disable_parameter_transpose_cache)
     columnwise_in_backward = True
 
     def quantize_weight(self, w: torch.Tensor, nonfinite_flag=None):

@@ -119,6 +119,25 @@ def test_gemm_engine_reaches_the_transformer_config():
     assert FP8FlowConfig.from_source(argparse.Namespace(**GOOD)).gemm == "auto"  # absent -> the default
 
 
+def test_disable_parameter_transpose_cache_reaches_the_transformer_config():
+    # megatron-core's TransformerConfig field, which Megatron-LM has no flag for: the flag's dest is the field's name,
+    # so the trainer's config builder (like Megatron-LM's core_transformer_config_from_args) carries it over
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from fp8flow_megatron.megatron.arguments import build_parser, transformer_config_from_args
+
+    assert "disable_parameter_transpose_cache" in {f.name for f in dataclasses.fields(TransformerConfig)}
+    p = argparse.ArgumentParser()
+    add_fp8_flow_args(p)
+    assert not p.parse_args([]).disable_parameter_transpose_cache
+    assert p.parse_args(["--disable-parameter-transpose-cache"]).disable_parameter_transpose_cache
+    args = build_parser().parse_args(["--disable-parameter-transpose-cache"])
+    assert transformer_config_from_args(args, use_te=False).disable_parameter_transpose_cache
+    assert not transformer_config_from_args(build_parser().parse_args([]), use_te=False).disable_parameter_transpose_cache
+
+
 def test_existing_upstream_flag_is_not_added_again():
     p = argparse.ArgumentParser()
     p.add_argument("--moe-fp8-flow", action="store_true")  # as if upstream TransformerConfig grew the field

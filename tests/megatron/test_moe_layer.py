@@ -101,8 +101,9 @@ def test_expert_recompute_gives_identical_gradients(megatron_ep1):
 
 
 def test_disable_parameter_transpose_cache_holds_no_transposed_weights(megatron_ep1):
-    # megatron's --disable-parameter-transpose-cache: the weights are quantized on every call and no transposed FP8
-    # copy is held from forward to backward; the results are bit-identical to the cached default.
+    # --disable-parameter-transpose-cache (TransformerConfig.disable_parameter_transpose_cache): the weights are
+    # quantized on every call and no transposed FP8 copy is held from forward to backward; the results are
+    # bit-identical to the cached default.
     torch.manual_seed(2)
     cfg_a, cfg_b = moe_config(True), moe_config(True)
     cfg_b.disable_parameter_transpose_cache = True

@@ -1,4 +1,4 @@
-"""fp8_flow_experts(transpose_in_backward=True) -- megatron's --disable-parameter-transpose-cache: no transposed FP8
+"""fp8_flow_experts(transpose_in_backward=True), what --disable-parameter-transpose-cache turns on: no transposed FP8
 weight copy is held from forward to backward, each dgrad gets its transposed codes made right before it from the
 same weights. Output, input, router and weight gradients are bit-identical to the default (the transposed codes are
 the same codes), with and without expert recompute, on CPU (reference engine) and on the GPU (Triton engine), and the
