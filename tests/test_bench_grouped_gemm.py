@@ -1,5 +1,6 @@
-"""scripts/bench_grouped_gemm.py's pure-Python parts on CPU: shape and GEMM parsing, FLOP accounting, the markdown
-table and target verdicts from fake timings, --write appending. Importing the script must not touch CUDA."""
+"""scripts/bench_grouped_gemm.py's pure-Python half (scripts/bench_grouped_gemm_report.py) on CPU: shape and GEMM
+parsing, FLOP accounting, the markdown table and target verdicts from fake timings, --write appending. Importing the
+script must not touch CUDA."""
 
 import importlib.util
 import sys
@@ -10,19 +11,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_grouped_gemm", ROOT / "scripts" / "bench_grouped_gemm.py")
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
     spec.loader.exec_module(module)
     return module
 
 
-bg = _load_script()
+script = _load_script("bench_grouped_gemm")
+bg = sys.modules["bench_grouped_gemm_report"]  # what the script imported: the pure-Python half
 
 
 def test_import_is_cpu_only():
-    assert not hasattr(bg, "torch")  # torch is imported inside the CUDA functions only
+    # torch is imported inside the CUDA functions only
+    assert not hasattr(script, "torch") and not hasattr(bg, "torch") and "torch" not in vars(bg)
+    assert script.parse_shapes is bg.parse_shapes and script.Result is bg.Result
 
 
 def test_parse_shapes_and_gemms():
