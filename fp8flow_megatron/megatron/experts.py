@@ -65,6 +65,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self.is_first_microbatch = True  # set again by megatron's schedule at every step (see the class docstring)
         self._quantize_every_call = bool(getattr(config, "disable_parameter_transpose_cache", False))
         self._transpose_in_backward = self._quantize_every_call  # no W^T held from forward to backward
+        self._logged_weight_bytes = False
         # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
         self.fuse_wgrad_accumulation = bool(getattr(config, "gradient_accumulation_fusion", False))
         self.telemetry_prefix = ""  # "layer{N}/", set by FP8FlowMoELayer: FP8 health sites per layer
@@ -94,6 +95,13 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             telemetry_site_prefix=self.telemetry_prefix,
             transpose_in_backward=self._transpose_in_backward,
         )
+        if not self._logged_weight_bytes:  # what the FP8 weight copies cost, once per layer (issue 16's accounting)
+            self._logged_weight_bytes = True
+            log.info(
+                "fp8flow: %sFP8 expert weight copies %.3f GB (%d experts, %s engine, %s)", self.telemetry_prefix,
+                self._weight_cache.nbytes() / 1e9, self.num_local_experts, self.gemm_engine,
+                "W only, W^T per dgrad" if self._transpose_in_backward else "W and W^T",
+            )  # fmt: skip
         return output, None
 
 

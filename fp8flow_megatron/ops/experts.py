@@ -33,8 +33,9 @@ from .telemetry import monitor
 
 
 class WeightQuantCache:
-    """128x128 FP8 copies of one layer's expert weights, in the GEMM engine's form (both usages), made when the caller
-    says a new optimizer step began and reused until the next one.
+    """128x128 FP8 copies of one layer's expert weights, in the GEMM engine's form (both usages, or the fprop codes
+    alone: get_group(columnwise=False)), made when the caller says a new optimizer step began and reused until the
+    next one.
 
     Why not notice weight changes by themselves: megatron's bf16 and distributed optimizers write new weights through
     `param.data` / the DDP parameter buffer, which moves neither the parameter's version counter nor its data pointer,
@@ -74,6 +75,26 @@ class WeightQuantCache:
         self._entries[name] = (key, w_q)
         self.num_quantizations += 1
         return w_q
+
+    def nbytes(self) -> int:
+        """Device bytes the cached FP8 copies hold (codes and scales of every linear), each storage counted once (an
+        engine's per-expert views and its stacked buffers share storage)."""
+        storages = {}
+
+        def walk(obj, depth=0):
+            if isinstance(obj, torch.Tensor):
+                st = obj.untyped_storage()
+                storages[(obj.device, st.data_ptr())] = st.nbytes()
+            elif depth < 4 and isinstance(obj, (tuple, list)):
+                for item in obj:
+                    walk(item, depth + 1)
+            elif depth < 4 and hasattr(obj, "__dict__"):
+                for item in vars(obj).values():
+                    walk(item, depth + 1)
+
+        for _, group in self._entries.values():
+            walk(group)
+        return sum(storages.values())
 
     def addresses(self) -> tuple:
         """The data addresses of every cached buffer (a CUDA graph reading them is valid while these stay)."""

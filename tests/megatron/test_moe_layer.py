@@ -117,6 +117,13 @@ def test_disable_parameter_transpose_cache_holds_no_transposed_weights(megatron_
         for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
             assert torch.equal(pa.grad, pb.grad), na
     assert a.experts._weight_cache.num_quantizations == 2 and b.experts._weight_cache.num_quantizations == 4
+    # the bytes the copies hold: W alone (1 byte per weight + the fp32 128x128 scales), or W and W^T (whose scale grid
+    # may share W's storage: a transpose of a grid with a singleton dimension is a view)
+    num_weights = sum(p.numel() for p in a.experts.parameters())
+    num_scales = sum(-(-p.shape[0] // 128) * -(-p.shape[1] // 128) for p in a.experts.parameters())
+    lean, full = b.experts._weight_cache.nbytes(), a.experts._weight_cache.nbytes()
+    assert lean == num_weights + 4 * num_scales
+    assert 2 * num_weights + 4 * num_scales <= full <= 2 * (num_weights + 4 * num_scales)
     for name in ("fc1", "fc2"):
         assert all(w_t is None for _, w_t in b.experts._weight_cache.cached(name)), name
         assert all(w_t is not None for _, w_t in a.experts._weight_cache.cached(name)), name

@@ -57,6 +57,12 @@ def test_transpose_in_backward_is_bit_identical_and_holds_no_transposed_copy(dev
     for name in ("fc1", "fc2"):
         assert all(t is None for t in _transposed_codes(cache.cached(name))), name
         assert all(t is not None for t in _transposed_codes(ref_cache.cached(name))), name
+    # what the caches hold: the fprop codes and scales alone, vs those plus (at least) the transposed codes
+    _, _, w1, w2, _ = _inputs(device, m_splits)
+    num_weights = sum(w.numel() for w in w1 + w2)
+    num_scales = sum(-(-w.shape[0] // 128) * -(-w.shape[1] // 128) for w in w1 + w2)
+    assert cache.nbytes() == num_weights + 4 * num_scales
+    assert ref_cache.nbytes() >= 2 * num_weights + 4 * num_scales
 
 
 def test_cache_form_is_part_of_its_key():
