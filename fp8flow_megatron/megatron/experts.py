@@ -36,10 +36,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     micro-batch of each training step and of each evaluation, exactly as megatron's TE linears use it for TE's FP8
     weight cache -- and after a checkpoint load. The other micro-batches, their backward passes and any recompute reuse
     those codes. `config.disable_parameter_transpose_cache` (--disable-parameter-transpose-cache; TE's
-    is_first_microbatch=None) quantizes on every call,
-    and holds no transposed FP8 weight copy from forward to backward: each dgrad's transposed codes are made right
-    before it and freed after (Triton engine; one E*N*K-byte copy per linear less, 1.66 GB in the DeepSeek-V2-Lite
-    proxy's three MoE layers, for one weight read per linear per backward; the TE engines keep both usages).
+    is_first_microbatch=None) quantizes on every call and holds no transposed FP8 weight copy from forward to
+    backward: each dgrad's transposed codes are made right before it and freed after (Triton engine; one E*N*K-byte
+    copy per linear less, 1.66 GB in the DeepSeek-V2-Lite proxy's three MoE layers, for one weight read per linear per
+    backward; the TE engines keep both usages).
     A loop that calls the model without megatron's schedule must call `model.set_is_first_microbatch()` after each
     optimizer step, as it must for TE's FP8 layers.
     """
