@@ -13,8 +13,8 @@ Variants (megatron-core MoELayer, alltoall dispatcher, 64 experts top-6, moe_ffn
   fp8flow         FP8FlowMoELayer: FP8 dispatch, fused kernels, the default GEMM engine (--moe-fp8-flow-gemm auto:
                   TE's grouped GEMM with <= 32 local experts, i.e. EP >= 2 here, else the single-launch Triton kernels)
   fp8flow_recomp  the same with --moe-expert-recompute
-  fp8flow_transient_wt (_triton, ...)  the same with --disable-parameter-transpose-cache: weights quantized
-                  every call, no transposed FP8 weight copy held from forward to backward (made per dgrad)
+  fp8flow_transient_wt (_triton, ...)  the same with --disable-parameter-transpose-cache: no FP8 weight copy
+                  held, each GEMM's codes made right before it (weights quantized twice per linear per fwd+bwd)
   fp8flow_triton, fp8flow_te (and fp8flow_recomp_triton / _te)  an engine forced: the Triton kernels, or TE's
                   grouped GEMM on the pre-quantized FP8
   <fp8flow variant>_graph  --cuda-graph: the same layer with --moe-fp8-flow-cuda-graph (EP=1, Triton engine, no

@@ -120,9 +120,9 @@ def add_fp8_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             default=False,
             help="megatron-core's TransformerConfig.disable_parameter_transpose_cache: no FP8 weight copy is cached "
             "across micro-batches (TE's linears and FP8-Flow's experts quantize their weights on every call), and "
-            "FP8-Flow's experts hold no transposed FP8 weight copy from forward to backward (each dgrad quantizes "
-            "its W^T right before it and frees it after; Triton engine): one E*N*K-byte copy per expert linear "
-            "less, for one weight read per linear per micro-batch.",
+            "FP8-Flow's experts hold no FP8 weight copy at all (each GEMM's codes are made right before it and "
+            "freed after; Triton engine): two E*N*K-byte copies per expert linear less, for two weight "
+            "quantizations per linear per micro-batch. Not with --moe-fp8-flow-cuda-graph.",
         )
     return parser
 
@@ -361,6 +361,11 @@ def _cuda_graph_errors(src: Any, fp8_flow: FP8FlowConfig) -> List[str]:
         f"needs the Triton GEMM engine, whose kernels read the expert row counts on the device (a capturable, "
         f"sync-free layer); --moe-fp8-flow-gemm {fp8_flow.gemm} runs TE's grouped GEMM here (host m_splits for te; "
         f"te_grouped's capture is untested). Fix: --moe-fp8-flow-gemm triton.",
+    )
+    need(
+        not _get(src, "disable_parameter_transpose_cache", default=False),
+        "reads the expert weights' FP8 codes from persistent buffers refreshed before each replay, which "
+        "--disable-parameter-transpose-cache (no FP8 weight copy held) drops. Fix: use one of the two flags.",
     )
     need(
         ep == 1,

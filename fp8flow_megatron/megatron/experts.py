@@ -36,10 +36,10 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
     micro-batch of each training step and of each evaluation, exactly as megatron's TE linears use it for TE's FP8
     weight cache -- and after a checkpoint load. The other micro-batches, their backward passes and any recompute reuse
     those codes. `config.disable_parameter_transpose_cache` (--disable-parameter-transpose-cache; TE's
-    is_first_microbatch=None) quantizes on every call and holds no transposed FP8 weight copy from forward to
-    backward: each dgrad's transposed codes are made right before it and freed after (Triton engine; one E*N*K-byte
-    copy per linear less, 1.66 GB in the DeepSeek-V2-Lite proxy's three MoE layers, for one weight read per linear per
-    backward; the TE engines keep both usages).
+    is_first_microbatch=None) holds no FP8 weight copy at all: every GEMM's codes are made right before it from the
+    weights and freed after (ops/experts.py, transient_weights; Triton engine; 2*E*N*K bytes per linear less, 3.3 GB
+    in the DeepSeek-V2-Lite proxy's three MoE layers, for one weight quantization per linear per forward and per
+    backward; the TE engines keep both usages cached).
     A loop that calls the model without megatron's schedule must call `model.set_is_first_microbatch()` after each
     optimizer step, as it must for TE's FP8 layers.
     """
@@ -63,8 +63,8 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self._weight_cache = WeightQuantCache(persistent=flow_cfg.cuda_graph and self.gemm_engine == "triton")
         self._weights_quantized_outside = False  # set while a CUDA graph is captured (megatron/cuda_graph.py)
         self.is_first_microbatch = True  # set again by megatron's schedule at every step (see the class docstring)
-        self._quantize_every_call = bool(getattr(config, "disable_parameter_transpose_cache", False))
-        self._transpose_in_backward = self._quantize_every_call  # no W^T held from forward to backward
+        # no FP8 weight copy held: quantized where each GEMM uses it (which also means on every call)
+        self._transient_weights = bool(getattr(config, "disable_parameter_transpose_cache", False))
         self._logged_weight_bytes = False
         # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
         self.fuse_wgrad_accumulation = bool(getattr(config, "gradient_accumulation_fusion", False))
@@ -93,14 +93,14 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             refresh_weights=refresh,
             fuse_wgrad_accumulation=self.fuse_wgrad_accumulation,
             telemetry_site_prefix=self.telemetry_prefix,
-            transpose_in_backward=self._transpose_in_backward,
+            transient_weights=self._transient_weights,
         )
         if not self._logged_weight_bytes:  # what the FP8 weight copies cost, once per layer (issue 16's accounting)
             self._logged_weight_bytes = True
             log.info(
-                "fp8flow: %sFP8 expert weight copies %.3f GB (%d experts, %s engine, %s)", self.telemetry_prefix,
+                "fp8flow: %sFP8 expert weight copies held %.3f GB (%d experts, %s engine, %s)", self.telemetry_prefix,
                 self._weight_cache.nbytes() / 1e9, self.num_local_experts, self.gemm_engine,
-                "W only, W^T per dgrad" if self._transpose_in_backward else "W and W^T",
+                "none: made per GEMM" if self._transient_weights else "W and W^T, per step",
             )  # fmt: skip
         return output, None
 
@@ -111,7 +111,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         replay, so no quantization is recorded into it."""
         if self._weights_quantized_outside:
             return False
-        refresh = self.is_first_microbatch or self._quantize_every_call
+        refresh = self.is_first_microbatch or self._transient_weights
         self.is_first_microbatch = False
         if refresh:
             _wait_for_param_gather(self.linear_fc1, self.linear_fc2)
@@ -126,7 +126,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         for name, linear in (("fc1", self.linear_fc1), ("fc2", self.linear_fc2)):
             self._weight_cache.get_group(name, self._weights(linear), engine, refresh,
                                          guard_site=f"{self.telemetry_prefix}{name}_weight",
-                                         columnwise=not self._transpose_in_backward)
+                                         columnwise=not self._transient_weights)
 
     @contextlib.contextmanager
     def weights_quantized_outside(self):

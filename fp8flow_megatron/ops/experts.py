@@ -51,28 +51,31 @@ class WeightQuantCache:
         self.persistent = persistent
 
     def get_group(self, name: str, weights, engine, refresh: bool, guard_site: Optional[str] = None,
-                  columnwise: bool = True):  # fmt: skip
+                  columnwise: bool = True, hold: bool = True):  # fmt: skip
         """All experts' weights of linear `name` in the engine's form (a list, or one stacked buffer): quantized anew
         when `refresh` (a new optimizer step) or when nothing fitting is cached, else the cached codes. guard_site:
         the non-finite guard site that a quantization raises (forward direction), e.g. "layer2/fc1_weight".
         columnwise=False: without the dgrad's transposed codes, on an engine that can make them in backward
-        (`columnwise_in_backward`; the TE engines always keep both)."""
+        (`columnwise_in_backward`; the TE engines always keep both). hold=False: quantize now and keep nothing (the
+        codes live while the caller holds them; an entry cached earlier for `name` is dropped)."""
         columnwise = columnwise or not getattr(engine, "columnwise_in_backward", False)
         key = (engine.name, len(weights), columnwise)
-        hit = self._entries.get(name)
-        if not refresh and hit is not None and hit[0] == key:
+        hit = self._entries.pop(name, None) if not hold else self._entries.get(name)
+        if not refresh and hold and hit is not None and hit[0] == key:
             return hit[1]
         flag = guard.flag(guard_site, "forward", weights[0].device) if guard_site is not None and weights else None
         # an engine without in-place quantization (the CPU reference) replaces the buffers; a graph captured on the
         # old ones notices through addresses() and is captured again
-        in_place = self.persistent and getattr(engine, "quantizes_in_place", False) and hit is not None and hit[0] == key
+        in_place = (hold and self.persistent and getattr(engine, "quantizes_in_place", False) and hit is not None
+                    and hit[0] == key)  # fmt: skip
         kwargs = {} if columnwise else {"columnwise": False}
         with torch.no_grad():
             if in_place:
                 w_q = engine.quantize_weights(weights, nonfinite_flag=flag, out=hit[1], **kwargs)
             else:
                 w_q = engine.quantize_weights(weights, nonfinite_flag=flag, **kwargs)
-        self._entries[name] = (key, w_q)
+        if hold:
+            self._entries[name] = (key, w_q)
         self.num_quantizations += 1
         return w_q
 
@@ -108,7 +111,8 @@ class WeightQuantCache:
         return tuple(out)
 
     def cached(self, name: str):
-        """What the last forward of linear `name` used (None before the first one)."""
+        """What the last forward of linear `name` used (None before the first one, and when nothing is held:
+        get_group(hold=False))."""
         hit = self._entries.get(name)
         return None if hit is None else hit[1]
 
@@ -160,13 +164,28 @@ def _unpack(data: torch.Tensor, scale_inv: torch.Tensor) -> Fp8Blockwise:
     return Fp8Blockwise(data, scale_inv)
 
 
-def _dgrad_weights(engine, w_q, weights, transpose_in_backward: bool):
-    """The weights in the form the engine's dgrad reads: the cached codes, or (transpose_in_backward) those plus the
-    transposed codes made now from the same weights -- held by the caller only for its dgrad."""
-    if not transpose_in_backward or not getattr(engine, "columnwise_in_backward", False):
+def _transient(engine, transient_weights: bool) -> bool:
+    """Whether this engine's FP8 weight copies are made where each GEMM uses them and held by nothing else
+    (transient_weights on an engine that can make the dgrad operand alone; the TE engines keep both usages)."""
+    return transient_weights and getattr(engine, "columnwise_in_backward", False)
+
+
+def _dgrad_weights(engine, w_q, weights, transient: bool):
+    """The weights in the form the engine's dgrad reads: the codes forward used, or (transient) the transposed codes
+    made now from the same weights -- the same codes, held by the caller only for its dgrad."""
+    if not transient:
         return w_q
     with torch.no_grad():
-        return engine.columnwise_weights(w_q, [w.detach() for w in weights])
+        return engine.columnwise_weights([w.detach() for w in weights])
+
+
+def _recompute_weights(engine, w_q, weights, transient: bool):
+    """The fprop codes for the recompute in backward: those forward used, or (transient) made again from the same
+    weights (the same codes; their non-finite check was forward's)."""
+    if not transient:
+        return w_q
+    with torch.no_grad():
+        return engine.quantize_weights([w.detach() for w in weights], columnwise=False)
 
 
 def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix, observe=True):
@@ -182,22 +201,29 @@ def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix, observ
 class _Fp8FlowExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, refresh, fuse_wgrad, site_prefix,
-                transpose_in_backward, *weights):  # fmt: skip
+                transient_weights, *weights):  # fmt: skip
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
         b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name, num_experts)
         x_q = x.fp8
         out_dtype = x.dtype
-        columnwise = not transpose_in_backward
-        w1_q = cache.get_group("fc1", w1, engine, refresh, guard_site=site_prefix + "fc1_weight", columnwise=columnwise)
-        w2_q = cache.get_group("fc2", w2, engine, refresh, guard_site=site_prefix + "fc2_weight", columnwise=columnwise)
+        transient = _transient(engine, transient_weights)
+        # transient: each linear's fprop codes live from their quantization to their GEMM (fc1's are freed before
+        # fc2's are made); nothing FP8 of the weights is held from forward to backward
+        kw = dict(columnwise=not transient, hold=not transient)
+        w1_q = cache.get_group("fc1", w1, engine, refresh, guard_site=site_prefix + "fc1_weight", **kw)
         y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype, site_prefix)
+        if transient:
+            w1_q = None
+        w2_q = cache.get_group("fc2", w2, engine, refresh, guard_site=site_prefix + "fc2_weight", **kw)
         y2 = engine.fprop(a_q, w2_q, m_splits, out_dtype)
+        if transient:
+            w2_q = None
         ctx.m_splits, ctx.recompute, ctx.out_dtype = m_splits, recompute, out_dtype
         ctx.num_experts, ctx.engine_name, ctx.fuse_wgrad = num_experts, engine_name, fuse_wgrad
-        ctx.site_prefix, ctx.transpose_in_backward = site_prefix, transpose_in_backward
+        ctx.site_prefix, ctx.transient = site_prefix, transient
         # The FP8 weights this forward used: backward and recompute must use the same ones (no tensor copies: these
-        # are the cache's objects).
+        # are the cache's objects); None when transient (backward makes the same codes again from `weights`).
         ctx.w1_q, ctx.w2_q = w1_q, w2_q
         saved = [*_pack(x_q), probs]
         if not recompute:
@@ -220,7 +246,9 @@ class _Fp8FlowExperts(torch.autograd.Function):
         w1, w2 = weights[:n_e], weights[n_e:]
         w1_q, w2_q = ctx.w1_q, ctx.w2_q
         if ctx.recompute:
-            y1, a_q = _fc1_act(b, engine, x_q, probs, w1_q, m_splits, out_dtype, ctx.site_prefix, observe=False)
+            w1_fprop = _recompute_weights(engine, w1_q, w1, ctx.transient)
+            y1, a_q = _fc1_act(b, engine, x_q, probs, w1_fprop, m_splits, out_dtype, ctx.site_prefix, observe=False)
+            del w1_fprop
 
         if isinstance(grad_y2, Fp8FlowTensor):
             g2_q = grad_y2.fp8
@@ -230,14 +258,14 @@ class _Fp8FlowExperts(torch.autograd.Function):
             )
             monitor.observe(ctx.site_prefix + "expert_out_grad", grad_y2, g2_q)
 
-        grad_a = engine.dgrad(g2_q, _dgrad_weights(engine, w2_q, w2, ctx.transpose_in_backward), m_splits, out_dtype)
+        grad_a = engine.dgrad(g2_q, _dgrad_weights(engine, w2_q, w2, ctx.transient), m_splits, out_dtype)
         dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad)
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(
             grad_a, y1, probs, guard.flag(ctx.site_prefix + "dswiglu_out", "backward", grad_a.device)
         )
         if monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input of the quantizer
             monitor.observe(ctx.site_prefix + "dswiglu_out", _swiglu.weighted_swiglu_backward(grad_a, y1, probs)[0], g1_q)
-        grad_x = engine.dgrad(g1_q, _dgrad_weights(engine, w1_q, w1, ctx.transpose_in_backward), m_splits, out_dtype)
+        grad_x = engine.dgrad(g1_q, _dgrad_weights(engine, w1_q, w1, ctx.transient), m_splits, out_dtype)
         dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad)
         return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, None, *dw1, *dw2)
 
@@ -254,7 +282,7 @@ def fp8_flow_experts(
     refresh_weights: bool = True,
     fuse_wgrad_accumulation: bool = False,
     telemetry_site_prefix: str = "",
-    transpose_in_backward: bool = False,
+    transient_weights: bool = False,
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -276,10 +304,12 @@ def fp8_flow_experts(
                  gradient_accumulation_fusion; the autograd gradients returned are zero dummies), else return them.
     telemetry_site_prefix: prepended to the site names of FP8 health telemetry and of the non-finite guard ("layer3/"
                  -> "layer3/swiglu_out", "layer3/fc1_weight").
-    transpose_in_backward: hold no transposed FP8 weight copy from forward to backward: the cache keeps only the
-                 fprop codes, and each dgrad gets the transposed codes made right before it from the same weights
-                 (the same codes, so the same results), freed after (triton and reference engines; the TE engines
-                 keep both usages). Costs one weight-read per linear per backward; saves E*N*K bytes per linear.
+    transient_weights: hold no FP8 weight copy (megatron's disable_parameter_transpose_cache): each GEMM's codes
+                 are made right before it from the weights and freed after -- fc1's and fc2's fprop codes in
+                 forward (whatever refresh_weights says), their transposed codes before each dgrad, fc1's fprop
+                 codes again for a recompute -- the same codes every time, so the same results; the cache keeps
+                 nothing (triton and reference engines; the TE engines keep both usages in the cache). Costs one
+                 weight quantization per linear per forward and per backward; saves 2*E*N*K bytes per linear.
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):
@@ -287,5 +317,5 @@ def fp8_flow_experts(
     rows = m_splits if isinstance(m_splits, RowGroups) else [int(m) for m in m_splits]
     return _Fp8FlowExperts.apply(
         x, probs, rows, recompute, cache or WeightQuantCache(), gemm_engine, bool(refresh_weights),
-        bool(fuse_wgrad_accumulation), telemetry_site_prefix, bool(transpose_in_backward), *fc1_weights, *fc2_weights,
+        bool(fuse_wgrad_accumulation), telemetry_site_prefix, bool(transient_weights), *fc1_weights, *fc2_weights,
     )

@@ -46,8 +46,9 @@ TE_MIN, TE_MAX_EXCLUSIVE = "2.12", "2.21"
 
 class ReferenceGemm:
     name = "reference"
-    # quantize_weights(columnwise=False) + columnwise_weights(): the dgrad operand made in backward, not held from
-    # forward (ops/experts.py; config.disable_parameter_transpose_cache)
+    # quantize_weights(columnwise=False) for fprop + columnwise_weights() for dgrad: each FP8 copy made where it is
+    # used, none held from forward to backward (ops/experts.py, transient_weights;
+    # config.disable_parameter_transpose_cache)
     columnwise_in_backward = True
 
     def quantize_weight(self, w: torch.Tensor, nonfinite_flag=None):
@@ -59,10 +60,10 @@ class ReferenceGemm:
         pairs = [self.quantize_weight(w, nonfinite_flag) for w in weights]
         return pairs if columnwise else [(w_q, None) for w_q, _ in pairs]
 
-    def columnwise_weights(self, w_q, weights):
-        """w_q as quantize_weights(weights) returns it, the dgrad operands included (made from `weights`, the
-        values quantize_weights(..., columnwise=False) read: the same codes)."""
-        return [(w, transpose_128x128(w)) for w, _ in w_q]
+    def columnwise_weights(self, weights):
+        """The dgrad operands alone, per expert (None, w_q^T): the transposed codes quantize_weights(weights) would
+        return, made now (nothing of the fprop codes is needed or kept)."""
+        return [(None, w_t) for _, w_t in self.quantize_weights(weights)]
 
     def fprop(self, x_q: Fp8Blockwise, weights, m_splits, out_dtype):
         if isinstance(m_splits, RowGroups):
@@ -302,12 +303,10 @@ class TritonGroupedGemm:
         return backend_for(weights[0].device).quantize_weight_stack(weights, nonfinite_flag, out=out,
                                                                     columnwise=columnwise)  # fmt: skip
 
-    def columnwise_weights(self, w_q, weights):
-        """(stack, stack_t) from quantize_weights(weights, columnwise=False)'s (stack, None): stack_t quantized
-        from the same weights in one launch that writes only the transposed codes (the same codes as the full
-        quantization; the transposed FP8 copy exists only while the caller holds it)."""
-        stack_t = backend_for(weights[0].device).quantize_weight_stack(weights, rowwise=False)[1]
-        return w_q[0], stack_t
+    def columnwise_weights(self, weights):
+        """The dgrad operand alone, (None, stack_t): the transposed codes of quantize_weights(weights), in one launch
+        that writes only those (the FP8 copy exists only while the caller holds it)."""
+        return None, backend_for(weights[0].device).quantize_weight_stack(weights, rowwise=False)[1]
 
     @staticmethod
     def _gemm(a_q, w, rows, out_dtype):

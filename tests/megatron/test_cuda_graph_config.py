@@ -87,6 +87,7 @@ def test_good_graph_config_validates(with_cuda):
         ({"expert_model_parallel_size": 8}, "--expert-model-parallel-size 1 (got 8)", "--expert-model-parallel-size 1"),
         ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size 1 (got 2)", "PP=1"),
         ({"moe_expert_recompute": True}, "--moe-expert-recompute", "drop --moe-expert-recompute"),
+        ({"disable_parameter_transpose_cache": True}, "--disable-parameter-transpose-cache", "use one of the two"),
         ({"recompute_granularity": "full"}, "--recompute-granularity full", "drop that recompute"),
         ({"recompute_granularity": "selective", "recompute_modules": ["moe"]}, "--recompute-modules moe",
          "drop that recompute"),

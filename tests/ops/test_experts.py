@@ -1,8 +1,12 @@
-"""fp8_flow_experts(transpose_in_backward=True), what --disable-parameter-transpose-cache turns on: no transposed FP8
-weight copy is held from forward to backward, each dgrad gets its transposed codes made right before it from the
-same weights. Output, input, router and weight gradients are bit-identical to the default (the transposed codes are
-the same codes), with and without expert recompute, on CPU (reference engine) and on the GPU (Triton engine), and the
-cache holds only the fprop codes."""
+"""fp8_flow_experts(transient_weights=True), what --disable-parameter-transpose-cache turns on: no FP8 weight copy is
+held -- each GEMM's codes are made right before it from the weights and freed after (fc1's and fc2's fprop codes in
+forward, the transposed codes before each dgrad, fc1's fprop codes again for a recompute). Output, input, router and
+weight gradients are bit-identical to the default (the same codes every time), with and without expert recompute, on
+CPU (reference engine) and on the GPU (Triton engine); the cache keeps nothing, and after forward no FP8 weight
+buffer is alive (on the GPU: the allocated bytes differ from the default's by exactly what its cache holds)."""
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -29,40 +33,115 @@ def _inputs(device, m_splits, hidden=256, ffn=384, seed=0):
     return x, probs, w1, w2, grad
 
 
-def _run(device, engine, m_splits, recompute, transpose_in_backward, rows):
+def _run(device, engine, m_splits, recompute, transient, rows):
     x, probs, w1, w2, grad = _inputs(device, m_splits)
     cache = WeightQuantCache()
     y = fp8_flow_experts(x, probs, rows, w1, w2, recompute=recompute, cache=cache, gemm_engine=engine,
-                         transpose_in_backward=transpose_in_backward)  # fmt: skip
+                         transient_weights=transient)  # fmt: skip
     y.backward(grad)
     return [y, probs.grad, *(w.grad for w in w1 + w2)], cache
 
 
-def _transposed_codes(group):
-    """The transposed codes a cache entry holds: per expert (reference engine's list of pairs) or one stack."""
-    if isinstance(group, list):
-        return [w_t for _, w_t in group]
-    return [group[1]]
+def _rows(device, m_splits):
+    return RowGroups.from_splits(m_splits, device) if device == "cuda" else m_splits
+
+
+def _tensors(obj):
+    """Every tensor in an engine's weight form: lists/tuples of Fp8Blockwise(-Stack) or None."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return [t for t in (getattr(obj, "data", None), getattr(obj, "scale_inv", None)) if isinstance(t, torch.Tensor)]
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute"])
 @pytest.mark.parametrize("m_splits", [[32, 0, 48], [16, 16, 16]])
 @pytest.mark.parametrize("device,engine", ENGINES)
-def test_transpose_in_backward_is_bit_identical_and_holds_no_transposed_copy(device, engine, m_splits, recompute):
-    rows = RowGroups.from_splits(m_splits, device) if device == "cuda" else m_splits
+def test_transient_weights_are_bit_identical_and_the_cache_keeps_nothing(device, engine, m_splits, recompute):
+    rows = _rows(device, m_splits)
     ref, ref_cache = _run(device, engine, m_splits, recompute, False, rows)
     got, cache = _run(device, engine, m_splits, recompute, True, rows)
     for i, (a, b) in enumerate(zip(got, ref)):
         assert torch.equal(a, b), f"tensor {i} differs"
     for name in ("fc1", "fc2"):
-        assert all(t is None for t in _transposed_codes(cache.cached(name))), name
-        assert all(t is not None for t in _transposed_codes(ref_cache.cached(name))), name
-    # what the caches hold: the fprop codes and scales alone, vs those plus (at least) the transposed codes
+        assert cache.cached(name) is None, name
+        assert ref_cache.cached(name) is not None, name
+    assert cache.nbytes() == 0 and cache.num_quantizations == 2  # fc1 and fc2, once each, in forward
+    # the default holds W and (at least) W^T: codes plus fp32 128x128 scales
     _, _, w1, w2, _ = _inputs(device, m_splits)
     num_weights = sum(w.numel() for w in w1 + w2)
     num_scales = sum(-(-w.shape[0] // 128) * -(-w.shape[1] // 128) for w in w1 + w2)
-    assert cache.nbytes() == num_weights + 4 * num_scales
     assert ref_cache.nbytes() >= 2 * num_weights + 4 * num_scales
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute"])
+@pytest.mark.parametrize("device,engine", ENGINES)
+def test_transient_weights_leave_no_fp8_weight_alive_for_backward(device, engine, recompute, monkeypatch):
+    # every FP8 weight buffer the engine makes is dead once forward returns (nothing holds it for backward), and
+    # backward still computes the default's results; with the default the cache keeps them alive
+    from fp8flow_megatron.ops.gemm_engine import gemm_engine_for
+
+    m_splits = [32, 0, 48]
+    engine_cls = type(gemm_engine_for(torch.device(device), engine, len(m_splits)))
+    made = []
+    for method in ("quantize_weights", "columnwise_weights"):
+        original = getattr(engine_cls, method)
+
+        def spy(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
+            made.extend(weakref.ref(t) for t in _tensors(out))
+            return out
+
+        monkeypatch.setattr(engine_cls, method, spy)
+    for transient in (False, True):
+        made.clear()
+        x, probs, w1, w2, grad = _inputs(device, m_splits)
+        y = fp8_flow_experts(x, probs, _rows(device, m_splits), w1, w2, recompute=recompute,
+                             cache=WeightQuantCache(), gemm_engine=engine, transient_weights=transient)  # fmt: skip
+        gc.collect()
+        alive = sum(r() is not None for r in made)
+        assert made and (alive == 0) == transient, (transient, alive, len(made))
+        y.backward(grad)
+        assert all(w.grad is not None for w in w1 + w2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute"])
+def test_transient_weights_memory_after_forward_on_gpu(recompute):
+    # what forward leaves allocated for backward: the default's minus exactly the bytes its cache holds
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m_splits = [256, 0, 384, 128]
+    held = {}
+    for transient in (False, True):
+        x, probs, w1, w2, grad = _inputs("cuda", m_splits, hidden=512, ffn=768)
+        cache = WeightQuantCache()
+        torch.cuda.synchronize()
+        gc.collect()
+        base = torch.cuda.memory_allocated()
+        y = fp8_flow_experts(x, probs, _rows("cuda", m_splits), w1, w2, recompute=recompute, cache=cache,
+                             gemm_engine="triton", transient_weights=transient)  # fmt: skip
+        torch.cuda.synchronize()
+        held[transient] = (torch.cuda.memory_allocated() - base, cache.nbytes())
+        y.backward(grad)
+        del y
+    (after_default, cache_default), (after_transient, cache_transient) = held[False], held[True]
+    assert cache_transient == 0 and cache_default > 0
+    # the caching allocator rounds each block up to 512 bytes: at most one rounding per cached buffer
+    assert 0 <= after_default - after_transient - cache_default <= 512 * 8, held
+
+
+def test_cache_hold_false_keeps_nothing_and_drops_what_was_held():
+    from fp8flow_megatron.ops.gemm_engine import ReferenceGemm
+
+    _, _, w1, _, _ = _inputs("cpu", [16, 16])
+    cache, engine = WeightQuantCache(), ReferenceGemm()
+    held = cache.get_group("fc1", w1, engine, refresh=True)
+    assert cache.cached("fc1") is held
+    fresh = cache.get_group("fc1", w1, engine, refresh=False, columnwise=False, hold=False)
+    assert fresh is not held and cache.cached("fc1") is None and cache.num_quantizations == 2
+    assert all(torch.equal(a.data, b.data) for (a, _), (b, _) in zip(fresh, held))
 
 
 def test_cache_form_is_part_of_its_key():
