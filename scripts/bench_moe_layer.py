@@ -35,6 +35,8 @@ Reported per variant: median fwd+bwd time (CUDA events), resident memory (parame
 inputs) and the peak above it, activation memory
 (allocated after forward), standalone quantize/cast/transpose kernel launches per fwd+bwd (torch.profiler, names
 listed), and the relative L2 error of output, input grad, router grad and expert-weight grads vs an fp32 layer.
+--memory-snapshot DIR adds what is alive at each variant's peak per allocation site (the allocator's history from the
+layer's build to the memory measurement, scripts/memory_at_peak.py), the variants side by side.
 
 EP=N (--ep N under torchrun, N in 2, 4, 8, ...; megatron expert_model_parallel_size=N over NCCL, TP=PP=1): each rank
 holds 64/N experts and --tokens tokens (tokens are per GPU). Times and peak memory are the maximum over ranks (the
@@ -403,6 +405,8 @@ def run_variant(variant, state, x, g, ref, args):
 
 
 def _run_variant(variant, state, x, g, ref, args):
+    if args.memory_snapshot:  # from before the layer is built: every resident block gets its allocation stack
+        torch.cuda.memory._record_memory_history(max_entries=args.memory_snapshot_events)
     layer, fp8 = build_layer(variant, args)
     missing = layer.load_state_dict(state, strict=False)
     assert not [k for k in missing.missing_keys if "_extra_state" not in k], missing
@@ -412,6 +416,10 @@ def _run_variant(variant, state, x, g, ref, args):
     for _ in range(3):
         fwd_bwd(layer, fp8, xv, gv)
     peak, act, resident = measure_memory(layer, fp8, xv, gv)
+    if args.memory_snapshot:  # the window ends with measure_memory's fwd+bwd (scripts/memory_at_peak.py reads it)
+        os.makedirs(args.memory_snapshot, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(snapshot_path(args, variant))
+        torch.cuda.memory._record_memory_history(enabled=None)
     times, check_us = measure_times(layer, fp8, xv, gv, args.iters)
     guard_ratios = (
         measure_guard_interleaved(layer, fp8, xv, gv, args.iters)
@@ -547,6 +555,26 @@ def format_table(results, args) -> str:
     return "\n".join(lines)
 
 
+def snapshot_path(args, variant: str) -> str:
+    return os.path.join(args.memory_snapshot, f"memory_{variant}_rank{dist.get_rank()}.pickle")
+
+
+def memory_snapshot_report(results, args) -> str:
+    """The variants' memory at the peak per allocation site, side by side (scripts/memory_at_peak.py), rank 0's."""
+    import pickle
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from memory_at_peak import report
+
+    snaps = []
+    for v in results:
+        with open(snapshot_path(args, v), "rb") as f:
+            snaps.append(pickle.load(f))
+    head = (f"### Memory at the peak per allocation site (window: layer build .. the measured fwd+bwd; GB = 1e9 bytes)"
+            f"\n\n`--memory-snapshot {args.memory_snapshot}`; snapshots: {args.memory_snapshot}/memory_<variant>_rank0.pickle\n\n")  # fmt: skip
+    return head + report(snaps, list(results), top=args.memory_snapshot_top)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per GPU")
@@ -565,6 +593,12 @@ def main():
                     help="N[,M]: also time training steps of one weight re-quantization + N fwd+bwd (e.g. 1,8)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="add <variant>_graph (--moe-fp8-flow-cuda-graph) after each FP8-Flow variant that supports it")
+    ap.add_argument("--memory-snapshot", default=None, metavar="DIR",
+                    help="record the CUDA allocator's history per variant (layer build .. the memory measurement), "
+                         "dump it to DIR/memory_<variant>_rank<r>.pickle, and print what is alive at each variant's "
+                         "peak per allocation site (scripts/memory_at_peak.py)")
+    ap.add_argument("--memory-snapshot-events", type=int, default=200000, help="allocator events kept per variant")
+    ap.add_argument("--memory-snapshot-top", type=int, default=30, help="allocation sites listed")
     args = ap.parse_args()
     args.microbatches_text = args.microbatches or ""
     args.microbatches = parse_microbatches(args.microbatches) if args.microbatches else []
@@ -607,6 +641,8 @@ def main():
         if args.microbatches:
             table += "\n\n" + format_steps_table(results, args)
         table += "".join(f"\n\n{v}: skipped ({why})" for v, why in skipped.items())
+        if args.memory_snapshot:
+            table += "\n\n" + memory_snapshot_report(results, args)
         print(table)
         if args.write:
             with open(args.write, "a") as f:
