@@ -8,8 +8,8 @@ A snapshot comes from `torch.cuda.memory._snapshot()` with allocation history on
 iteration), or `torch.cuda.memory._record_memory_history(max_entries=...)` in your own loop. The snapshot's
 `segments` give what is allocated when it was taken; walking its `device_traces` backwards (undoing each alloc,
 redoing each completed free) gives the allocated bytes at every event of the window, and the blocks alive at the
-highest one. Each block is attributed to the innermost frame of its allocation stack in this package, megatron or
-TransformerEngine (else the innermost frame at all); blocks allocated before the window report their size only
+highest one. Each block is attributed to the innermost frame of its allocation stack that is in this package,
+megatron or TransformerEngine (else to the innermost frame); blocks allocated before the window report their size only
 ("before the trace window"). With several snapshots the sites are lined up in one table, columns in order.
 
 The peak found is the window's: when the window (the last N events) does not reach back to the run's peak, the
@@ -30,13 +30,14 @@ BEFORE_WINDOW = "(before the trace window)"
 
 
 def frame_site(frames: Optional[Sequence[dict]]) -> str:
-    """'file.py:line function' of the innermost frame from SITE_PATHS (else the innermost frame; frames[0] is
-    innermost, as torch records them)."""
+    """'path:line function' of the innermost frame in any of SITE_PATHS (else of the innermost frame; frames[0] is
+    innermost, as torch records them): megatron's code called from this package's is megatron's site, this package's
+    kernels called from megatron are ours."""
     if not frames:
         return "(no stack recorded)"
-    for key in SITE_PATHS:
-        for f in frames:
-            name = str(f.get("filename", ""))
+    for f in frames:
+        name = str(f.get("filename", ""))
+        for key in SITE_PATHS:
             if key in name:
                 return _fmt(f, key)
     return _fmt(frames[0], None)

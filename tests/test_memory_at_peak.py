@@ -80,10 +80,11 @@ def test_report_lines_up_sites_and_orders_by_difference():
     assert "| **total at the window's peak** | **1.000** | **4.000** |" in table
 
 
-def test_frame_site_prefers_this_package_then_megatron_then_te():
-    frames = _frames("transformer_engine/a.py:f", "megatron/core/b.py:g", "fp8flow_megatron/c.py:h")
-    assert mp.frame_site(frames) == "fp8flow_megatron/c.py:7 h"
-    assert mp.frame_site(frames[:2]) == "megatron/core/b.py:7 g"
+def test_frame_site_is_the_innermost_frame_of_this_package_megatron_or_te():
+    frames = _frames("torch/t.py:e", "transformer_engine/a.py:f", "megatron/core/b.py:g", "fp8flow_megatron/c.py:h")
+    assert mp.frame_site(frames) == "transformer_engine/a.py:7 f"
+    assert mp.frame_site(frames[2:]) == "megatron/core/b.py:7 g"
+    assert mp.frame_site(frames[3:]) == "fp8flow_megatron/c.py:7 h"  # not "megatron/c.py"
     assert mp.frame_site(_frames("torch/x.py:y")) == "x.py:7 y"
     assert mp.frame_site(None) == "(no stack recorded)"
 

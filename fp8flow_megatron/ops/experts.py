@@ -179,6 +179,20 @@ def _dgrad_weights(engine, w_q, weights, transient: bool):
         return engine.columnwise_weights([w.detach() for w in weights])
 
 
+def _release(*tensors: torch.Tensor) -> None:
+    """Free the memory of activations this Function made and saved, after their last use in backward: their storage
+    is shrunk to nothing (a saved tensor is otherwise held until autograd releases the node). Only a contiguous tensor
+    that spans its whole storage (what the kernels return) is released; a part of a larger buffer is left alone."""
+    for t in tensors:
+        if (t is not None and t.is_contiguous() and t.storage_offset() == 0
+                and t.untyped_storage().nbytes() == t.numel() * t.element_size()):  # fmt: skip
+            t.untyped_storage().resize_(0)
+
+
+def _released(t: torch.Tensor) -> bool:
+    return t.numel() > 0 and t.untyped_storage().nbytes() == 0
+
+
 def _recompute_weights(engine, w_q, weights, transient: bool):
     """The fprop codes for the recompute in backward: those forward used, or (transient) made again from the same
     weights (the same codes; their non-finite check was forward's)."""
@@ -243,6 +257,13 @@ class _Fp8FlowExperts(torch.autograd.Function):
             weights = rest
         else:
             y1, a_q, weights = rest[0], _unpack(rest[1], rest[2]), rest[3:]
+            if _released(y1):
+                raise RuntimeError(
+                    "fp8flow: the FP8-Flow experts' backward ran a second time over the same graph "
+                    "(backward(retain_graph=True)?). It frees its saved activations as it uses them, as TE's linears "
+                    "do, so a graph can be backpropagated once. Run the forward again, or use --moe-expert-recompute "
+                    "(which keeps only the FP8 input)."
+                )
         w1, w2 = weights[:n_e], weights[n_e:]
         w1_q, w2_q = ctx.w1_q, ctx.w2_q
         if ctx.recompute:
@@ -258,15 +279,24 @@ class _Fp8FlowExperts(torch.autograd.Function):
             )
             monitor.observe(ctx.site_prefix + "expert_out_grad", grad_y2, g2_q)
 
-        grad_a = engine.dgrad(g2_q, _dgrad_weights(engine, w2_q, w2, ctx.transient), m_splits, out_dtype)
+        # The order and the releases keep backward's peak memory low: each linear's wgrad runs before its dgrad (the
+        # wgrad's transposed operands are freed before the dgrad's output and W^T exist), and each activation is freed
+        # right after its last use (y1 and a_q would otherwise live until autograd releases this node, after the
+        # whole backward; TE's linears free theirs the same way). The results do not depend on the order.
         dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad)
+        _release(a_q.data, a_q.scale_inv)
+        del a_q
+        grad_a = engine.dgrad(g2_q, _dgrad_weights(engine, w2_q, w2, ctx.transient), m_splits, out_dtype)
+        del g2_q
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(
             grad_a, y1, probs, guard.flag(ctx.site_prefix + "dswiglu_out", "backward", grad_a.device)
         )
         if monitor.enabled:  # logged iterations only: the spec recomputes the fp32 input of the quantizer
             monitor.observe(ctx.site_prefix + "dswiglu_out", _swiglu.weighted_swiglu_backward(grad_a, y1, probs)[0], g1_q)
-        grad_x = engine.dgrad(g1_q, _dgrad_weights(engine, w1_q, w1, ctx.transient), m_splits, out_dtype)
+        _release(y1)
+        del grad_a, y1
         dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad)
+        grad_x = engine.dgrad(g1_q, _dgrad_weights(engine, w1_q, w1, ctx.transient), m_splits, out_dtype)
         return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, None, *dw1, *dw2)
 
 

@@ -155,3 +155,45 @@ def test_cache_form_is_part_of_its_key():
     full = cache.get_group("fc1", w1, engine, refresh=False)
     assert all(w_t is not None for _, w_t in full) and cache.num_quantizations == 2
     assert cache.get_group("fc1", w1, engine, refresh=False) is full and cache.num_quantizations == 2
+
+
+ALL_ENGINES = ENGINES + [pytest.param("cuda", "te", id="cuda-te", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute"])
+@pytest.mark.parametrize("device,engine", ALL_ENGINES)
+def test_backward_frees_the_activations_after_their_last_use(device, engine, recompute, monkeypatch):
+    # y1 (fc1's output) and a_q (the SwiGLU output's codes and scales) are freed inside backward, not held until
+    # autograd releases the node: their storage is empty once backward returns, on every engine (the results are
+    # the same as before the releases: test_transient_weights_are_bit_identical..., tests/megatron/test_moe_layer.py)
+    import fp8flow_megatron.ops.experts as experts
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    made = []
+    original = experts._fc1_act
+
+    def spy(*args, **kwargs):
+        y1, a_q = original(*args, **kwargs)
+        made.append((y1, a_q.data, a_q.scale_inv))
+        return y1, a_q
+
+    monkeypatch.setattr(experts, "_fc1_act", spy)
+    m_splits = [32, 0, 48]
+    x, probs, w1, w2, grad = _inputs(device, m_splits)
+    y = fp8_flow_experts(x, probs, _rows(device, m_splits), w1, w2, recompute=recompute, gemm_engine=engine)
+    assert len(made) == 1 and all(t.untyped_storage().nbytes() > 0 for t in made[0])
+    y.backward(grad)
+    assert len(made) == (2 if recompute else 1)
+    # stored: forward's activations, saved for backward; recompute: backward's own (forward's were never saved)
+    tensors = made[-1]
+    assert all(t.untyped_storage().nbytes() == 0 for t in tensors), [t.untyped_storage().nbytes() for t in tensors]
+
+
+def test_a_second_backward_over_the_same_graph_is_refused():
+    m_splits = [16, 16]
+    x, probs, w1, w2, grad = _inputs("cpu", m_splits)
+    y = fp8_flow_experts(x, probs, m_splits, w1, w2)
+    y.backward(grad, retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True.*--moe-expert-recompute"):
+        y.backward(grad)
