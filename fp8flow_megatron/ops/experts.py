@@ -143,12 +143,30 @@ def _main_grads(weights) -> list:
     return [w.main_grad for w in weights]
 
 
+# Unfused (no gradient_accumulation_fusion) under megatron's DDP, whose hook adds each parameter's bf16 .grad into
+# its fp32 main_grad once autograd hands it over -- which for a single Function is after its whole backward, so fc2's
+# weight gradients (E*H*F values) would stay alive through fc1's dgrad and wgrad. Instead each linear's bf16 gradients
+# are added into main_grad right after its wgrad, exactly as the hook would add them (the same bf16 values, the same
+# fp32 add_), and freed; the hook gets a dummy and grad_added_to_main_grad, as with fusion. Where no weight has a
+# main_grad (no megatron DDP), the gradients are returned to autograd.
+ADD_UNFUSED_WGRAD_EARLY = True
+
+
 def _expert_wgrad(engine, g_q, x_q, m_splits, weights, fuse: bool):
-    """Weight gradients of one linear: into main_grad (returning dummies) when fusing, else as autograd gradients."""
+    """Weight gradients of one linear: into main_grad (returning dummies) when fusing; unfused, as bf16 gradients --
+    added into megatron DDP's main_grad right away where the weights have one (ADD_UNFUSED_WGRAD_EARLY), else
+    returned as autograd gradients."""
     if not weights:
         return []
     if not fuse:
-        return engine.wgrad(g_q, x_q, m_splits, weights[0].dtype)
+        grads = engine.wgrad(g_q, x_q, m_splits, weights[0].dtype)
+        if not (ADD_UNFUSED_WGRAD_EARLY and all(getattr(w, "main_grad", None) is not None for w in weights)):
+            return grads
+        for w, grad in zip(weights, grads):
+            w.main_grad.add_(grad)  # what megatron DDP's backward hook does with a bf16 .grad
+            w.grad_added_to_main_grad = True
+        del grads
+        return [_dummy_wgrad(w) for w in weights]
     main_grads = _main_grads(weights)
     engine.wgrad(g_q, x_q, m_splits, main_grads[0].dtype, accumulate_into=main_grads)
     for w in weights:

@@ -117,7 +117,7 @@ def test_transient_weights_memory_after_forward_on_gpu(recompute):
     # the first pass of each form warms up what any call allocates once (the non-finite guard's flag buffer, kernel
     # compilation); the second is measured
     for transient in (False, True, False, True):
-        x, probs, w1, w2, grad = _inputs("cuda", m_splits, hidden=512, ffn=768)
+        x, probs, w1, w2, grad = _inputs("cuda", m_splits, hidden=1024, ffn=2048)
         cache = WeightQuantCache()
         torch.cuda.synchronize()
         gc.collect()
@@ -130,8 +130,10 @@ def test_transient_weights_memory_after_forward_on_gpu(recompute):
         del y
     (after_default, cache_default), (after_transient, cache_transient) = held[False], held[True]
     assert cache_transient == 0 and cache_default > 0
-    # the caching allocator rounds each block up to 512 bytes: at most one rounding per cached buffer
-    assert 0 <= after_default - after_transient - cache_default <= 512 * 8, held
+    # the caching allocator counts whole blocks: a large allocation that leaves under 1 MiB of its block gets the
+    # whole block (seen: the default's 9.44 MB cache showed as 8.65 MB more allocated), so within 1 MiB per cached
+    # buffer (codes and scales of W and W^T, two linears); the cache here is ~50 MB, one held W would be ~25 MB
+    assert abs(after_default - after_transient - cache_default) <= 8 * 2**20, held
 
 
 def test_cache_hold_false_keeps_nothing_and_drops_what_was_held():
