@@ -160,7 +160,9 @@ def _expert_wgrad(engine, g_q, x_q, m_splits, weights, fuse: bool):
         return []
     if not fuse:
         grads = engine.wgrad(g_q, x_q, m_splits, weights[0].dtype)
-        if not (ADD_UNFUSED_WGRAD_EARLY and all(getattr(w, "main_grad", None) is not None for w in weights)):
+        if not (ADD_UNFUSED_WGRAD_EARLY and all(getattr(w, "main_grad", None) is not None for w in weights)) or (
+            grads[0].is_cuda and torch.cuda.is_current_stream_capturing()
+        ):  # under CUDA-graph capture the captured gradients are returned (megatron/cuda_graph.py hands them on)
             return grads
         for w, grad in zip(weights, grads):
             w.main_grad.add_(grad)  # what megatron DDP's backward hook does with a bf16 .grad
