@@ -170,6 +170,12 @@ _UNSUPPORTED_WITH_FP8_FLOW = (
      "each expert inside its fused permute without sending extra tokens."),
     ("--moe-router-fusion", "moe_router_fusion", "runs TE's fused router kernels, which no FP8-Flow test has run on a "
      "GPU yet (megatron's unfused router, tested with FP8-Flow under every routing flag, computes the same routing)."),
+    ("--use-megatron-fsdp", "use_megatron_fsdp", "shards the parameters and gathers them around each module's forward "
+     "and backward; no FP8-Flow test has run under it (the experts quantize their whole BF16 weights once per step "
+     "and read them again in backward, which FSDP's resharding may have released). The distributed optimizer "
+     "(--use-distributed-optimizer, also with --overlap-param-gather) is tested with FP8-Flow."),
+    ("--use-torch-fsdp2", "use_torch_fsdp2", "wraps the model in torch's FSDP2, which no FP8-Flow test has run under "
+     "(see --use-megatron-fsdp); use --use-distributed-optimizer."),
 )
 
 

@@ -55,6 +55,8 @@ def test_good_config_validates():
         ({"moe_token_dropping": True}, "--moe-token-dropping", "remove"),
         ({"moe_router_padding_for_fp8": True}, "--moe-router-padding-for-fp8", "remove"),
         ({"moe_router_fusion": True}, "--moe-router-fusion", "remove --moe-router-fusion"),
+        ({"use_megatron_fsdp": True}, "--use-megatron-fsdp", "remove --use-megatron-fsdp"),
+        ({"use_torch_fsdp2": True}, "--use-torch-fsdp2", "remove --use-torch-fsdp2"),
         ({"cuda_graph_impl": "transformer_engine"}, "--cuda-graph-impl transformer_engine", "--cuda-graph-impl none"),
         ({"cuda_graph_impl": "local"}, "--cuda-graph-impl local", "--cuda-graph-impl none"),
         ({"enable_cuda_graph": True}, "--enable-cuda-graph", "--cuda-graph-impl none"),
