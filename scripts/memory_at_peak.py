@@ -12,8 +12,10 @@ highest one. Each block is attributed to the innermost frame of its allocation s
 megatron or TransformerEngine (else to the innermost frame); blocks allocated before the window report their size only
 ("before the trace window"). With several snapshots the sites are lined up in one table, columns in order.
 
-The peak found is the window's: when the window (the last N events) does not reach back to the run's peak, the
-figure is lower than torch.cuda.max_memory_allocated(); the report prints the window's span.
+Bytes are the requested sizes the trace records (torch.cuda.max_memory_allocated() counts the allocator's rounded
+blocks: up to ~1 MiB more per large block), and a block stays alive until its free completes (as in torch's
+MemoryViz; the allocator's own counter drops at the free request). The peak found is the window's: when the window
+(the last N events) does not reach back to the run's peak, it is lower; the report prints the window's event count.
 """
 
 from __future__ import annotations
@@ -53,14 +55,15 @@ def _fmt(f: dict, key: Optional[str]) -> str:
 
 
 def _live_blocks(snapshot: dict, device: int) -> Dict[int, Tuple[int, Optional[list]]]:
-    """addr -> (size, allocation frames) of every block allocated when the snapshot was taken."""
+    """addr -> (requested bytes, allocation frames) of every block allocated when the snapshot was taken."""
     live = {}
     for seg in snapshot.get("segments", []):
         if seg.get("device", 0) != device:
             continue
         for blk in seg.get("blocks", []):
             if blk.get("state") in ("active_allocated", "active_pending_free"):
-                live[blk["address"]] = (blk["size"], blk.get("frames"))
+                # requested bytes, as the trace events count them (a block's "size" is rounded up)
+                live[blk["address"]] = (blk.get("requested_size", blk["size"]), blk.get("frames") or [])
     return live
 
 
@@ -74,7 +77,7 @@ def peak_state(snapshot: dict, device: int = 0):
     alloc_frames, open_allocs = {}, {}
     for i, ev in enumerate(events):  # pair each completed free with its alloc (for the frames)
         if ev["action"] == "alloc":
-            open_allocs[ev["addr"]] = ev.get("frames")
+            open_allocs[ev["addr"]] = ev.get("frames") or []
         elif ev["action"] == "free_completed":
             alloc_frames[i] = open_allocs.pop(ev["addr"], None)
     live = _live_blocks(snapshot, device)
@@ -97,15 +100,17 @@ def peak_state(snapshot: dict, device: int = 0):
         if ev["action"] == "alloc":
             live.pop(ev["addr"], None)
         elif ev["action"] == "free_completed":
-            live[ev["addr"]] = (ev["size"], alloc_frames.get(i, ()) or ())
+            live[ev["addr"]] = (ev["size"], alloc_frames.get(i))  # None: allocated before the window
     return best, live, end, len(events)
 
 
 def by_site(live: Dict[int, Tuple[int, Optional[list]]]) -> Dict[str, Tuple[int, int]]:
-    """site -> (bytes, blocks). A block freed in the window whose alloc came before it is BEFORE_WINDOW."""
+    """site -> (bytes, blocks). A block freed in the window whose alloc came before it is BEFORE_WINDOW; one
+    allocated without a recorded stack (e.g. by autograd's C++ ops in backward, with Python-only stacks) is
+    "(no stack recorded)"."""
     out: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
     for size, frames in live.values():
-        site = BEFORE_WINDOW if frames == () else frame_site(frames)
+        site = BEFORE_WINDOW if frames is None else frame_site(frames)
         out[site][0] += size
         out[site][1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}

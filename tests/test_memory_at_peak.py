@@ -23,7 +23,9 @@ TMP = _frames("transformer_engine/pytorch/module/linear.py:backward")
 
 
 def _snapshot(live, events):
-    blocks = [{"address": a, "size": s, "state": "active_allocated", "frames": f} for a, s, f in live]
+    # a block's "size" is rounded up; the trace's events and "requested_size" are what was asked for
+    blocks = [{"address": a, "size": -(-s // 512) * 512, "requested_size": s, "state": "active_allocated", "frames": f}
+              for a, s, f in live]  # fmt: skip
     blocks.append({"address": 999, "size": 64, "state": "inactive"})  # a cached free block: not allocated
     return {"segments": [{"device": 0, "blocks": blocks}], "device_traces": [events]}
 
@@ -92,3 +94,14 @@ def test_frame_site_is_the_innermost_frame_of_this_package_megatron_or_te():
 def test_label_count_must_match(tmp_path):
     with pytest.raises(SystemExit):
         mp.main([str(tmp_path / "a.pickle"), "--label", "x", "--label", "y"])
+
+
+def test_requested_sizes_add_up_and_a_stackless_alloc_in_the_window_is_not_before_it():
+    # live block B (100 requested, a 512-byte block); A (1000, no stack: autograd's C++ side) allocated and freed
+    # in the window before B: the peak is A's 1000 alone, and A is "(no stack recorded)", not "before the window"
+    events = [_ev("alloc", 1, 1000, []), _ev("free_completed", 1, 1000), _ev("alloc", 2, 100, ACT)]
+    peak, live, end, _ = mp.peak_state(_snapshot([(2, 100, ACT)], events))
+    assert (peak, end) == (1000, 100)
+    sites = mp.by_site(live)
+    assert sites == {"(no stack recorded)": (1000, 1)}
+    assert sum(b for b, _ in sites.values()) == peak

@@ -57,6 +57,9 @@ class MoELayerCudaGraphs:
                             f"--expert-model-parallel-size 1")
         if getattr(experts, "expert_recompute", False):
             problems.append(f"{FLAG} does not capture --moe-expert-recompute; drop one of them")
+        if getattr(experts, "_transient_weights", False):
+            problems.append(f"{FLAG} reads persistent FP8 weight buffers, which --disable-parameter-transpose-cache "
+                            f"drops; use one of the two")
         if layer.shared_expert_overlap or getattr(config, "moe_latent_size", None) or layer.moe_layer_recompute:
             problems.append(f"{FLAG} needs no --moe-shared-expert-overlap, --moe-latent-size or 'moe' recompute")
         if problems:

@@ -68,6 +68,9 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self._logged_weight_bytes = False
         # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
         self.fuse_wgrad_accumulation = bool(getattr(config, "gradient_accumulation_fusion", False))
+        # unfused: each linear's bf16 weight gradients go into DDP's main_grad inside backward (ops/experts.py); not
+        # under --moe-fp8-flow-cuda-graph, whose replays hand their captured gradients to DDP's hook
+        self.wgrad_into_main_grad = not flow_cfg.cuda_graph
         self.telemetry_prefix = ""  # "layer{N}/", set by FP8FlowMoELayer: FP8 health sites per layer
         self.register_load_state_dict_post_hook(_requantize_after_load)
         follow_megatron_step_signal()
@@ -94,6 +97,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             fuse_wgrad_accumulation=self.fuse_wgrad_accumulation,
             telemetry_site_prefix=self.telemetry_prefix,
             transient_weights=self._transient_weights,
+            wgrad_into_main_grad=self.wgrad_into_main_grad,
         )
         if not self._logged_weight_bytes:  # what the FP8 weight copies cost, once per layer (issue 16's accounting)
             self._logged_weight_bytes = True

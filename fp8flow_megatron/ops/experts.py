@@ -145,24 +145,21 @@ def _main_grads(weights) -> list:
 
 # Unfused (no gradient_accumulation_fusion) under megatron's DDP, whose hook adds each parameter's bf16 .grad into
 # its fp32 main_grad once autograd hands it over -- which for a single Function is after its whole backward, so fc2's
-# weight gradients (E*H*F values) would stay alive through fc1's dgrad and wgrad. Instead each linear's bf16 gradients
-# are added into main_grad right after its wgrad, exactly as the hook would add them (the same bf16 values, the same
-# fp32 add_), and freed; the hook gets a dummy and grad_added_to_main_grad, as with fusion. Where no weight has a
-# main_grad (no megatron DDP), the gradients are returned to autograd.
-ADD_UNFUSED_WGRAD_EARLY = True
+# weight gradients (E*H*F values) would stay alive through fc1's dgrad and wgrad. Instead (wgrad_into_main_grad) each
+# linear's bf16 gradients are added into main_grad right after its wgrad, exactly as the hook would add them (the
+# same bf16 values, the same fp32 add_), and freed; the hook gets a dummy and grad_added_to_main_grad, as with
+# fusion. Where a weight has no main_grad (no megatron DDP), the gradients are returned to autograd.
 
 
-def _expert_wgrad(engine, g_q, x_q, m_splits, weights, fuse: bool):
+def _expert_wgrad(engine, g_q, x_q, m_splits, weights, fuse: bool, into_main_grad: bool = True):
     """Weight gradients of one linear: into main_grad (returning dummies) when fusing; unfused, as bf16 gradients --
-    added into megatron DDP's main_grad right away where the weights have one (ADD_UNFUSED_WGRAD_EARLY), else
+    added into megatron DDP's main_grad right away where every weight has one and `into_main_grad` (see above), else
     returned as autograd gradients."""
     if not weights:
         return []
     if not fuse:
         grads = engine.wgrad(g_q, x_q, m_splits, weights[0].dtype)
-        if not (ADD_UNFUSED_WGRAD_EARLY and all(getattr(w, "main_grad", None) is not None for w in weights)) or (
-            grads[0].is_cuda and torch.cuda.is_current_stream_capturing()
-        ):  # under CUDA-graph capture the captured gradients are returned (megatron/cuda_graph.py hands them on)
+        if not (into_main_grad and all(getattr(w, "main_grad", None) is not None for w in weights)):
             return grads
         for w, grad in zip(weights, grads):
             w.main_grad.add_(grad)  # what megatron DDP's backward hook does with a bf16 .grad
@@ -235,7 +232,7 @@ def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix, observ
 class _Fp8FlowExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, m_splits, recompute, cache, engine_name, refresh, fuse_wgrad, site_prefix,
-                transient_weights, *weights):  # fmt: skip
+                transient_weights, wgrad_into_main_grad, *weights):  # fmt: skip
         num_experts = len(m_splits)
         w1, w2 = weights[:num_experts], weights[num_experts:]
         b, engine = backend_for(x.device), gemm_engine_for(x.device, engine_name, num_experts)
@@ -255,7 +252,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
             w2_q = None
         ctx.m_splits, ctx.recompute, ctx.out_dtype = m_splits, recompute, out_dtype
         ctx.num_experts, ctx.engine_name, ctx.fuse_wgrad = num_experts, engine_name, fuse_wgrad
-        ctx.site_prefix, ctx.transient = site_prefix, transient
+        ctx.site_prefix, ctx.transient, ctx.wgrad_into_main_grad = site_prefix, transient, wgrad_into_main_grad
         # The FP8 weights this forward used: backward and recompute must use the same ones (no tensor copies: these
         # are the cache's objects); None when transient (backward makes the same codes again from `weights`).
         ctx.w1_q, ctx.w2_q = w1_q, w2_q
@@ -303,7 +300,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         # wgrad's transposed operands are freed before the dgrad's output and W^T exist), and each activation is freed
         # right after its last use (y1 and a_q would otherwise live until autograd releases this node, after the
         # whole backward; TE's linears free theirs the same way). The results do not depend on the order.
-        dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad)
+        dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad, ctx.wgrad_into_main_grad)
         _release(a_q.data, a_q.scale_inv)
         del a_q
         grad_a = engine.dgrad(g2_q, _dgrad_weights(engine, w2_q, w2, ctx.transient), m_splits, out_dtype)
@@ -315,9 +312,9 @@ class _Fp8FlowExperts(torch.autograd.Function):
             monitor.observe(ctx.site_prefix + "dswiglu_out", _swiglu.weighted_swiglu_backward(grad_a, y1, probs)[0], g1_q)
         _release(y1)
         del grad_a, y1
-        dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad)
+        dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad, ctx.wgrad_into_main_grad)
         grad_x = engine.dgrad(g1_q, _dgrad_weights(engine, w1_q, w1, ctx.transient), m_splits, out_dtype)
-        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, None, *dw1, *dw2)
+        return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, None, None, *dw1, *dw2)
 
 
 def fp8_flow_experts(
@@ -333,6 +330,7 @@ def fp8_flow_experts(
     fuse_wgrad_accumulation: bool = False,
     telemetry_site_prefix: str = "",
     transient_weights: bool = False,
+    wgrad_into_main_grad: bool = True,
 ) -> torch.Tensor:
     """Grouped SwiGLU expert MLP on FP8 input.
 
@@ -360,6 +358,10 @@ def fp8_flow_experts(
                  codes again for a recompute -- the same codes every time, so the same results; the cache keeps
                  nothing (triton and reference engines; the TE engines keep both usages in the cache). Costs one
                  weight quantization per linear per forward and per backward; saves 2*E*N*K bytes per linear.
+    wgrad_into_main_grad: without fusion, where every weight has megatron DDP's `main_grad`, add each linear's
+                 bf16 weight gradients into it right after its wgrad (what DDP's hook would do, bit-identical) and
+                 return dummies, so they do not outlive their linear; False returns them to autograd (the hook
+                 adds them after this backward; the CUDA-graphed layer, whose replays hand on captured gradients).
     Returns y [N, H] in x's logical dtype.
     """
     if not isinstance(x, Fp8FlowTensor):
@@ -367,5 +369,6 @@ def fp8_flow_experts(
     rows = m_splits if isinstance(m_splits, RowGroups) else [int(m) for m in m_splits]
     return _Fp8FlowExperts.apply(
         x, probs, rows, recompute, cache or WeightQuantCache(), gemm_engine, bool(refresh_weights),
-        bool(fuse_wgrad_accumulation), telemetry_site_prefix, bool(transient_weights), *fc1_weights, *fc2_weights,
+        bool(fuse_wgrad_accumulation), telemetry_site_prefix, bool(transient_weights), bool(wgrad_into_main_grad),
+        *fc1_weights, *fc2_weights,
     )

@@ -304,3 +304,16 @@ def test_lazy_capture_per_shape_recapture_on_a_new_environment_and_the_graph_lim
         call(12), call(12), call(12)
     assert log == [("eager", 12)] * 3 and "holds 4 graphs already" in caplog.text
     assert graphs.num_replays == 6  # shape 8: two, then one after the re-capture; 9, 10, 11: one each
+
+
+def test_the_graphed_layer_hands_unfused_wgrads_to_ddp_and_refuses_transient_weights(megatron_ep1, with_cuda):
+    # the graphed layer's replays return their captured weight gradients for DDP's hook to add, so its eager calls
+    # must not add them into main_grad themselves (the hook would then skip the replays' gradients); and it reads
+    # persistent FP8 weight buffers, which --disable-parameter-transpose-cache drops
+    cfg = moe_config(True)
+    cfg.moe_fp8_flow_cuda_graph, cfg.moe_fp8_flow_gemm = True, "triton"
+    assert not moe_layer(cfg).experts.wgrad_into_main_grad
+    assert moe_layer(moe_config(True)).experts.wgrad_into_main_grad
+    cfg.disable_parameter_transpose_cache = True
+    with pytest.raises(FP8FlowConfigError, match="--moe-fp8-flow-cuda-graph.*--disable-parameter-transpose-cache"):
+        moe_layer(cfg)

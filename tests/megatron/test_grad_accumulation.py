@@ -6,12 +6,10 @@ Stated tolerance, relative L2 against the fp64 sum of each micro-batch's own fp3
   unfused (bf16 .grad per micro-batch)   <= 1e-2 (each micro-batch's gradient rounded to bf16 first: ~2^-9)
 The fused path also runs with --overlap-grad-reduce, whose DDP hook asserts that every parameter got a gradient.
 Unfused, each linear's bf16 gradients are added into main_grad inside backward (ops/experts.py,
-ADD_UNFUSED_WGRAD_EARLY, so they do not outlive their linear): bit-identical to DDP's hook adding the returned .grad.
+wgrad_into_main_grad, so they do not outlive their linear): bit-identical to DDP's hook adding the returned .grad.
 """
 
 import torch
-
-import fp8flow_megatron.ops.experts as experts_ops
 
 from .mcore_env import init_megatron, moe_config, moe_layer, spawn
 
@@ -77,15 +75,14 @@ def _worker(rank, world_size, port):
     runs = (("fused", True, False, True), ("fused_overlap", True, True, True), ("unfused", False, False, True),
             ("unfused_overlap", False, True, True), ("unfused_hook", False, False, False))  # fmt: skip
     for name, fuse, overlap, early in runs:
-        experts_ops.ADD_UNFUSED_WGRAD_EARLY = early
         ddp, layer = _ddp_layer(fuse=fuse, overlap=overlap)
+        layer.experts.wgrad_into_main_grad = early
         _run(ddp, list(range(MICRO_BATCHES)), no_sync=overlap)
         main_grads[name] = _expert_main_grads(layer)
         out[name] = _rel(main_grads[name], ref)
         weights = [p for n, p in layer.experts.named_parameters()]
         out[f"{name}_grads_dropped"] = all(p.grad is None for p in weights)
         out[f"{name}_flag"] = all(getattr(p, "grad_added_to_main_grad", False) for p in weights)
-    experts_ops.ADD_UNFUSED_WGRAD_EARLY = True
     # unfused, the early add into main_grad is exactly what DDP's hook does with the returned bf16 .grad
     out["unfused_early_equals_hook"] = all(
         torch.equal(a, b) for name in ("unfused", "unfused_overlap") for a, b in zip(main_grads[name], main_grads["unfused_hook"])
@@ -102,7 +99,7 @@ def test_bf16_gradient_accumulation_sums_expert_wgrad_in_fp32(tmp_path):
     assert out["fused_flag"] and out["fused_grads_dropped"] and out["fused_overlap_grads_dropped"], out
     assert out["unfused_overlap"] <= 1e-2 and out["unfused_hook"] <= 1e-2, out
     # unfused: the bf16 gradients went into main_grad inside backward (the hook dropped the dummy), bit-identical to
-    # the hook adding them; with ADD_UNFUSED_WGRAD_EARLY off the hook adds them (and no flag is set)
+    # the hook adding them; with wgrad_into_main_grad off the hook adds them (and no flag is set)
     assert out["unfused_early_equals_hook"], out
     assert out["unfused_flag"] and out["unfused_grads_dropped"] and out["unfused_overlap_grads_dropped"], out
     assert not out["unfused_hook_flag"] and out["unfused_hook_grads_dropped"], out
