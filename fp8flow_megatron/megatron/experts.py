@@ -65,6 +65,13 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
         self.is_first_microbatch = True  # set again by megatron's schedule at every step (see the class docstring)
         # no FP8 weight copy held: quantized where each GEMM uses it (which also means on every call)
         self._transient_weights = bool(getattr(config, "disable_parameter_transpose_cache", False))
+        if self._transient_weights and self.gemm_engine in ("te", "te_grouped"):
+            # not an error (the results are the same), but the flag's memory saving does not happen: say so
+            log.warning(
+                "fp8flow: --disable-parameter-transpose-cache: the %r GEMM engine keeps both FP8 forms of the expert "
+                "weights cached for the step (only the Triton engine makes them per GEMM), so the experts save no "
+                "memory with it. For the saving, --moe-fp8-flow-gemm triton.", self.gemm_engine,
+            )  # fmt: skip
         self._logged_weight_bytes = False
         # megatron's gradient_accumulation_fusion, as its TE linears read it (fuse_wgrad_accumulation)
         self.fuse_wgrad_accumulation = bool(getattr(config, "gradient_accumulation_fusion", False))
@@ -104,7 +111,7 @@ class FP8FlowGroupedMLP(TEGroupedMLP):
             log.info(
                 "fp8flow: %sFP8 expert weight copies held %.3f GB (%d experts, %s engine, %s)", self.telemetry_prefix,
                 self._weight_cache.nbytes() / 1e9, self.num_local_experts, self.gemm_engine,
-                "none: made per GEMM" if self._transient_weights else "W and W^T, per step",
+                "W and W^T, per step" if self._weight_cache.nbytes() else "none: made per GEMM",
             )  # fmt: skip
         return output, None
 
