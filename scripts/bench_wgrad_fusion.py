@@ -5,8 +5,9 @@ megatron's DistributedDataParallel (bf16 parameters, fp32 main_grad), side by si
 
 A step is what megatron's train_step does to this layer: zero_grad_buffer, the first micro-batch marks a new step (the
 FP8 weights are quantized), --micro-batches fwd+bwd (no_sync), finish_grad_sync. Fused: the FP8-Flow experts add their
-fp32 weight gradients straight into main_grad; unfused: they return a bf16 [E, N, K] gradient per linear and
-micro-batch, which DDP's hook adds into main_grad. Reported: median step time (CUDA events), peak memory above the
+fp32 weight gradients straight into main_grad; unfused: they make a bf16 [E, N, K] gradient per linear and
+micro-batch, added into main_grad right after that linear's wgrad (ops/experts.py wgrad_into_main_grad, the add DDP's
+hook would otherwise do after the whole backward). Reported: median step time (CUDA events), peak memory above the
 resident tensors, and the relative L2 difference of the experts' main_grad from the fused run's.
 """
 
