@@ -9,7 +9,8 @@ iteration), or `torch.cuda.memory._record_memory_history(max_entries=...)` in yo
 `segments` give what is allocated when it was taken; walking its `device_traces` backwards (undoing each alloc,
 redoing each completed free) gives the allocated bytes at every event of the window, and the blocks alive at the
 highest one. Each block is attributed to the innermost frame of its allocation stack that is in this package,
-megatron or TransformerEngine (else to the innermost frame); blocks allocated before the window report their size only
+megatron or TransformerEngine (a C++-only stack -- autograd's built-in backward ops -- to its innermost autograd
+node, else to its innermost frame outside the allocator); blocks allocated before the window report their size only
 ("before the trace window"). With several snapshots the sites are lined up in one table, columns in order.
 
 Bytes are the requested sizes the trace records (torch.cuda.max_memory_allocated() counts the allocator's rounded
@@ -42,7 +43,20 @@ def frame_site(frames: Optional[Sequence[dict]]) -> str:
         for key in SITE_PATHS:
             if key in name:
                 return _fmt(f, key)
+    # C++ only (autograd's engine thread runs built-in backward ops with no Python stack): the innermost autograd
+    # node names the op that allocated (e.g. torch::autograd::generated::MmBackward0::apply), else the innermost
+    # frame outside the allocator and the stack unwinder
+    for f in frames:
+        if "autograd::" in str(f.get("name", "")) and "autograd::Engine" not in str(f.get("name", "")):
+            return _fmt(f, None)
+    for f in frames:
+        if not str(f.get("name", "")).startswith(_CPP_BOILERPLATE):
+            return _fmt(f, None)
     return _fmt(frames[0], None)
+
+
+_CPP_BOILERPLATE = ("torch::unwind", "torch::CapturedTraceback", "c10::cuda::CUDACachingAllocator", "c10::",
+                    "torch::cuda::", "??")  # fmt: skip
 
 
 def _fmt(f: dict, key: Optional[str]) -> str:

@@ -105,3 +105,15 @@ def test_requested_sizes_add_up_and_a_stackless_alloc_in_the_window_is_not_befor
     sites = mp.by_site(live)
     assert sites == {"(no stack recorded)": (1000, 1)}
     assert sum(b for b, _ in sites.values()) == peak
+
+
+def test_a_cpp_only_stack_is_named_by_its_autograd_node_or_first_real_frame():
+    def cpp(*names):
+        return [{"filename": "??", "line": 0, "name": n} for n in names]
+
+    unwind, alloc = "torch::unwind::unwind()", "c10::cuda::CUDACachingAllocator::Native::malloc(...)"
+    node = "torch::autograd::generated::MmBackward0::apply(...)"
+    engine = "torch::autograd::Engine::evaluate_function(...)"
+    assert mp.frame_site(cpp(unwind, alloc, "at::native::empty_cuda(...)", node, engine)) == f"??:0 {node}"
+    assert mp.frame_site(cpp(unwind, alloc, "at::native::empty_cuda(...)", engine)) == "??:0 at::native::empty_cuda(...)"
+    assert mp.frame_site(cpp(unwind)) == f"??:0 {unwind}"
