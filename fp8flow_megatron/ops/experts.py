@@ -143,18 +143,15 @@ def _main_grads(weights) -> list:
     return [w.main_grad for w in weights]
 
 
-# Unfused (no gradient_accumulation_fusion) under megatron's DDP, whose hook adds each parameter's bf16 .grad into
-# its fp32 main_grad once autograd hands it over -- which for a single Function is after its whole backward, so fc2's
-# weight gradients (E*H*F values) would stay alive through fc1's dgrad and wgrad. Instead (wgrad_into_main_grad) each
-# linear's bf16 gradients are added into main_grad right after its wgrad, exactly as the hook would add them (the
-# same bf16 values, the same fp32 add_), and freed; the hook gets a dummy and grad_added_to_main_grad, as with
-# fusion. Where a weight has no main_grad (no megatron DDP), the gradients are returned to autograd.
-
-
 def _expert_wgrad(engine, g_q, x_q, m_splits, weights, fuse: bool, into_main_grad: bool = True):
-    """Weight gradients of one linear: into main_grad (returning dummies) when fusing; unfused, as bf16 gradients --
-    added into megatron DDP's main_grad right away where every weight has one and `into_main_grad` (see above), else
-    returned as autograd gradients."""
+    """Weight gradients of one linear: into main_grad (returning dummies) when fusing; unfused, as bf16 gradients,
+    returned to autograd -- or, with `into_main_grad` where every weight has megatron DDP's main_grad, added into it
+    right away and freed.
+
+    Why the early add: DDP's hook adds each parameter's bf16 .grad into its fp32 main_grad once autograd hands it
+    over, which for this single Function is after its whole backward, so fc2's gradients (E*H*F values) would live
+    through fc1's dgrad and wgrad. The add here is the hook's (the same bf16 values, the same fp32 add_); the hook then
+    gets a dummy and grad_added_to_main_grad, as with fusion."""
     if not weights:
         return []
     if not fuse:
@@ -187,13 +184,15 @@ def _transient(engine, transient_weights: bool) -> bool:
     return transient_weights and getattr(engine, "columnwise_in_backward", False)
 
 
-def _dgrad_weights(engine, w_q, weights, transient: bool):
-    """The weights in the form the engine's dgrad reads: the codes forward used, or (transient) the transposed codes
-    made now from the same weights -- the same codes, held by the caller only for its dgrad."""
+def _backward_weights(engine, w_q, weights, transient: bool, dgrad: bool):
+    """The weights a GEMM in backward reads: the codes forward used, or (transient) the same codes made now from the
+    same weights and held by the caller only for that GEMM -- the transposed codes for a dgrad, the fprop codes for
+    the recompute (their non-finite check was forward's)."""
     if not transient:
         return w_q
     with torch.no_grad():
-        return engine.columnwise_weights([w.detach() for w in weights])
+        dense = [w.detach() for w in weights]
+        return engine.columnwise_weights(dense) if dgrad else engine.quantize_weights(dense, columnwise=False)
 
 
 def _release(*tensors: torch.Tensor) -> None:
@@ -208,15 +207,6 @@ def _release(*tensors: torch.Tensor) -> None:
 
 def _released(t: torch.Tensor) -> bool:
     return t.numel() > 0 and t.untyped_storage().nbytes() == 0
-
-
-def _recompute_weights(engine, w_q, weights, transient: bool):
-    """The fprop codes for the recompute in backward: those forward used, or (transient) made again from the same
-    weights (the same codes; their non-finite check was forward's)."""
-    if not transient:
-        return w_q
-    with torch.no_grad():
-        return engine.quantize_weights([w.detach() for w in weights], columnwise=False)
 
 
 def _fc1_act(b, engine, x_q, probs, w1, m_splits, out_dtype, site_prefix, observe=True):
@@ -284,7 +274,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         w1, w2 = weights[:n_e], weights[n_e:]
         w1_q, w2_q = ctx.w1_q, ctx.w2_q
         if ctx.recompute:
-            w1_fprop = _recompute_weights(engine, w1_q, w1, ctx.transient)
+            w1_fprop = _backward_weights(engine, w1_q, w1, ctx.transient, dgrad=False)
             y1, a_q = _fc1_act(b, engine, x_q, probs, w1_fprop, m_splits, out_dtype, ctx.site_prefix, observe=False)
             del w1_fprop
 
@@ -303,7 +293,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         dw2 = _expert_wgrad(engine, g2_q, a_q, m_splits, w2, ctx.fuse_wgrad, ctx.wgrad_into_main_grad)
         _release(a_q.data, a_q.scale_inv)
         del a_q
-        grad_a = engine.dgrad(g2_q, _dgrad_weights(engine, w2_q, w2, ctx.transient), m_splits, out_dtype)
+        grad_a = engine.dgrad(g2_q, _backward_weights(engine, w2_q, w2, ctx.transient, dgrad=True), m_splits, out_dtype)
         del g2_q
         g1_q, grad_probs = b.weighted_swiglu_quant_backward(
             grad_a, y1, probs, guard.flag(ctx.site_prefix + "dswiglu_out", "backward", grad_a.device)
@@ -313,7 +303,7 @@ class _Fp8FlowExperts(torch.autograd.Function):
         _release(y1)
         del grad_a, y1
         dw1 = _expert_wgrad(engine, g1_q, x_q, m_splits, w1, ctx.fuse_wgrad, ctx.wgrad_into_main_grad)
-        grad_x = engine.dgrad(g1_q, _dgrad_weights(engine, w1_q, w1, ctx.transient), m_splits, out_dtype)
+        grad_x = engine.dgrad(g1_q, _backward_weights(engine, w1_q, w1, ctx.transient, dgrad=True), m_splits, out_dtype)
         return (grad_x, grad_probs.to(probs.dtype), None, None, None, None, None, None, None, None, None, *dw1, *dw2)
 
 

@@ -85,37 +85,40 @@ def test_ep1_matches_stock_fp32(megatron_ep1, case):
         assert int((counts == 0).sum()) >= 1
 
 
-def test_expert_recompute_gives_identical_gradients(megatron_ep1):
-    torch.manual_seed(1)
+def _twin_layers(seed: int, **change):
+    """Two FP8-Flow layers with the same weights; the second's config gets `change`."""
+    torch.manual_seed(seed)
     cfg_a, cfg_b = moe_config(True), moe_config(True)
-    cfg_b.moe_expert_recompute = True
+    for name, value in change.items():
+        setattr(cfg_b, name, value)
     a, b = moe_layer(cfg_a), moe_layer(cfg_b)
     b.load_state_dict(a.state_dict())
-    assert not a.experts.expert_recompute and b.experts.expert_recompute
-    x = torch.randn(24, 2, 128)
+    return a, b
+
+
+def _assert_same_call(a, b, x):
+    """Output, input grad, router grad and every parameter's grad bit-identical."""
     ya, dxa, dra = run_layer(a, x)
     yb, dxb, drb = run_layer(b, x)
     assert torch.equal(ya, yb) and torch.equal(dxa, dxb) and torch.equal(dra, drb)
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa.grad, pb.grad), na
+
+
+def test_expert_recompute_gives_identical_gradients(megatron_ep1):
+    a, b = _twin_layers(1, moe_expert_recompute=True)
+    assert not a.experts.expert_recompute and b.experts.expert_recompute
+    _assert_same_call(a, b, torch.randn(24, 2, 128))
 
 
 def test_disable_parameter_transpose_cache_holds_no_fp8_weights(megatron_ep1):
     # --disable-parameter-transpose-cache (TransformerConfig.disable_parameter_transpose_cache): every GEMM's FP8
     # weight codes are made right before it and freed after, so the layer's cache holds nothing; the results are
     # bit-identical to the cached default
-    torch.manual_seed(2)
-    cfg_a, cfg_b = moe_config(True), moe_config(True)
-    cfg_b.disable_parameter_transpose_cache = True
-    a, b = moe_layer(cfg_a), moe_layer(cfg_b)
-    b.load_state_dict(a.state_dict())
+    a, b = _twin_layers(2, disable_parameter_transpose_cache=True)
     x = torch.randn(24, 2, 128)
     for _ in range(2):  # the second call: b quantizes again (every call), a reuses its codes
-        ya, dxa, dra = run_layer(a, x)
-        yb, dxb, drb = run_layer(b, x)
-        assert torch.equal(ya, yb) and torch.equal(dxa, dxb) and torch.equal(dra, drb)
-        for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-            assert torch.equal(pa.grad, pb.grad), na
+        _assert_same_call(a, b, x)
     # forward quantizations per linear: a once (the step's first micro-batch), b on every call
     assert a.experts._weight_cache.num_quantizations == 2 and b.experts._weight_cache.num_quantizations == 4
     # the bytes the copies hold: nothing, or W and W^T (1 byte per weight each + the fp32 128x128 scales, whose
