@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     import triton
 
     import bench_grouped_gemm as bgg
+    import bench_grouped_gemm_report as bggr
     from fp8flow_megatron.kernels import grouped_gemm as gg
     from fp8flow_megatron.kernels.transpose import scaling_aware_transpose_buffers_grouped
     from fp8flow_megatron.numerics.format import BLOCK, ceil_div
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         bgg.compute_refs(p, ("fprop", "dgrad", "wgrad"))  # build_ceiling reads them
         groups = RowGroups.from_splits(p.splits, "cuda")
         for gemm in args.gemms.split(","):
-            flops = bgg.gemm_flops(shape, gemm)
+            flops = bggr.gemm_flops(shape, gemm)
             ceil_fn, ceil_sets = bgg.build_ceiling(p, gemm)
             ceil_us = bk.time_us(ceil_fn, ceil_sets, args.warmup, args.iters)
             ours_fn, ours_sets = bgg.build_ours(p, gemm)

@@ -34,6 +34,11 @@ from ..numerics.groups import RowGroups
 from ._tables import cached_int64_table
 from ._triton import HAVE_TRITON, jit, require_cuda, require_triton, tl, triton
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 TILE_M = 128  # rows per program along M: RowGroups.tiles count 128-row tiles (= the transposes' blocks), not tuned
 
 
@@ -43,6 +48,9 @@ TILE_M = 128  # rows per program along M: RowGroups.tiles count 128-row tiles (=
 # tile on one warpgroup, 64/4/3 (1.4-1.7x its old 128/8/3: 601 vs 427 TFLOP/s at 64 x 1,536 rows, 2048->2816).
 # Every config gives bit-identical outputs (same per-128-K-block promotion order); only the speed differs.
 _NT_CONFIGS = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4))
+# The TMA form (.gpu-bundle experiment, BENCHMARKS.md "TMA loads"): fprop peaks at 64/4/3 (824-831 TFLOP/s at the
+# fc1 shapes), dgrad at 128/8/4 (856-866); BLOCK_N stays <= 128 so a tile reads one 128x128 weight scale per K block.
+_NT_TMA_CONFIGS = ((64, 4, 3), (128, 8, 4), (128, 8, 3), (64, 4, 4))
 _WGRAD_CONFIGS = ((64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4))
 
 
@@ -58,19 +66,11 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs, key=key)
 
 
-@_autotune(_configs(["BLOCK_N"], _NT_CONFIGS), key=["N", "K"])
 @jit
-def _grouped_gemm_nt_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
-    N, K, num_kb, num_nb,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-):  # fmt: skip
-    # grid (N tiles, max_tiles): consecutive programs share one A tile (L2), and one expert's B stays hot across its
-    # tiles. M tile pid_m < tiles[E] is tile pid_m - tiles[e] of group e = tile_groups[pid_m] (all read from device
-    # memory); the programs after them write the tail rows offsets[E] .. num_rows - 1 as zeros (no K loop), the rest
-    # of the worst-case grid stores nothing.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+def _nt_tile(offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows, num_kb, pid_m, BLOCK_M: tl.constexpr):
+    # M tile pid_m < tiles[E] is tile pid_m - tiles[e] of group e = tile_groups[pid_m] (all read from device memory);
+    # the programs after them write the tail rows offsets[E] .. num_rows - 1 as zeros (no K loop), the rest of the
+    # worst-case grid stores nothing. Returns (expert, first row, row end, number of K blocks to run).
     real_tiles = tl.load(tiles_ptr + num_groups)
     in_group = pid_m < real_tiles
     expert = tl.load(tile_groups_ptr + pid_m).to(tl.int64)
@@ -79,6 +79,24 @@ def _grouped_gemm_nt_kernel(
     row0 = tl.where(in_group, group_row0, tail_row0).to(tl.int64)
     row_end = tl.where(in_group, tl.load(offsets_ptr + expert + 1), num_rows).to(tl.int64)
     k_blocks = tl.where(in_group, num_kb, 0)
+    return expert, row0, row_end, k_blocks
+
+
+@_autotune(_configs(["BLOCK_N"], _NT_CONFIGS), key=["N", "K"])
+@jit
+def _grouped_gemm_nt_kernel(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
+    N, K, num_kb, num_nb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    # The pointer-load form (any K, any alignment, any GPU Triton runs on); _grouped_gemm_nt_tma_kernel is the same
+    # product with TMA loads. grid (N tiles, max_tiles): consecutive programs share one A tile (L2), and one expert's
+    # B stays hot across its tiles.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert, row0, row_end, k_blocks = _nt_tile(
+        offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows, num_kb, pid_m, BLOCK_M
+    )
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,6 +121,57 @@ def _grouped_gemm_nt_kernel(
         acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
     c = c_ptr + offs_m[:, None] * N + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _set_tma_blocks(nargs):
+    # autotuner pre-hook: the host descriptors' box sizes follow the config being launched
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_configs():
+    if not HAVE_TRITON:
+        return []
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
+        for bn, warps, stages in _NT_TMA_CONFIGS
+    ]
+
+
+@_autotune(_tma_configs(), key=["N", "K"])
+@jit
+def _grouped_gemm_nt_tma_kernel(
+    a_desc, a_scale_ptr, b_desc, b_scale_ptr, c_ptr, offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows,
+    N, K, num_kb, num_nb,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # _grouped_gemm_nt_kernel with A and B read through TMA descriptors (Hopper): a_desc over A [num_rows, K], b_desc
+    # over the weight stack as one [E * N, K] matrix. The boxes may run past a group's rows into the next group's, or
+    # past N into the next expert's rows: those rows / columns only feed outputs that the masked store drops (every
+    # output row depends on its own A row only). Past the tensor's edges (K tail, last rows) TMA fills zeros, which is
+    # what the pointer form's masked loads give. Same tl.dot per 128-K block and the same promotion, so the outputs
+    # are bit-identical to the pointer form's (tested); 1.3-1.4x faster at the V2-Lite shapes (BENCHMARKS.md).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert, row0, row_end, k_blocks = _nt_tile(
+        offsets_ptr, tiles_ptr, tile_groups_ptr, num_groups, num_rows, num_kb, pid_m, BLOCK_M
+    )
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    sa_rows = a_scale_ptr + offs_m * num_kb
+    sb_ptr = b_scale_ptr + (expert * num_nb + (pid_n * BLOCK_N) // BLOCK_K) * num_kb  # BLOCK_N <= 128: one scale
+    a_row = row0.to(tl.int32)  # TMA coordinates are 32-bit; the host checks num_rows and E * N fit
+    b_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, k_blocks):
+        a = a_desc.load([a_row, kb * BLOCK_K])
+        b = b_desc.load([b_row, kb * BLOCK_K])
+        sa = tl.load(sa_rows + kb, mask=mask_m, other=0.0)
+        sb = tl.load(sb_ptr + kb)
+        acc += tl.dot(a, b.T) * (sa[:, None] * sb)
+    c = c_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
 @jit
@@ -178,7 +247,36 @@ def _stack(b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]]) -> Fp8BlockwiseS
     return Fp8BlockwiseStack(torch.stack([w.data for w in b]), torch.stack([w.scale_inv for w in b]))
 
 
-def _gemm(a: Fp8Blockwise, w: Fp8BlockwiseStack, groups: RowGroups, out_dtype: torch.dtype) -> torch.Tensor:
+def _tma_ok(a_codes: torch.Tensor, w_codes: torch.Tensor) -> bool:
+    """Whether the TMA form can read these operands: Hopper or newer, Triton with host descriptors, 16-byte aligned
+    bases and row strides (K % 16 == 0), 32-bit coordinates. Otherwise the pointer form runs (same bits)."""
+    if TensorDescriptor is None or _capability(a_codes.device) < 9:
+        return False
+    k = a_codes.shape[1]
+    return (
+        k % 16 == 0
+        and w_codes.is_contiguous()
+        and a_codes.data_ptr() % 16 == 0
+        and w_codes.data_ptr() % 16 == 0
+        and a_codes.shape[0] < 2**31
+        and w_codes.shape[0] * w_codes.shape[1] < 2**31
+    )
+
+
+_CAPABILITY = {}
+
+
+def _capability(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
+    return _CAPABILITY[index]
+
+
+def _gemm(
+    a: Fp8Blockwise, w: Fp8BlockwiseStack, groups: RowGroups, out_dtype: torch.dtype, tma: Optional[bool] = None
+) -> torch.Tensor:
+    """tma: None picks the TMA form where _tma_ok allows it; True / False force a form (tests compare the two)."""
     m_total, k = a.data.shape
     num_experts, n, _ = w.data.shape
     out = torch.empty(m_total, n, dtype=out_dtype, device=a.data.device)
@@ -187,12 +285,25 @@ def _gemm(a: Fp8Blockwise, w: Fp8BlockwiseStack, groups: RowGroups, out_dtype: t
     if num_experts == 0:
         return out.zero_()
     kb, nb = ceil_div(k, BLOCK), ceil_div(n, BLOCK)
+    a_codes, a_scales = a.data.contiguous(), a.scale_inv.contiguous()
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), groups.max_tiles)
 
+    if tma is None:
+        tma = _tma_ok(a_codes, w.data)
+    if tma:
+        # box sizes are placeholders: the autotuner's pre-hook sets them per config
+        a_desc = TensorDescriptor.from_tensor(a_codes, [TILE_M, BLOCK])
+        b_desc = TensorDescriptor.from_tensor(w.data.view(num_experts * n, k), [BLOCK, BLOCK])
+        _grouped_gemm_nt_tma_kernel[grid](
+            a_desc, a_scales, b_desc, w.scale_inv, out, groups.offsets, groups.tiles, groups.tile_groups,
+            num_experts, m_total, n, k, kb, nb,
+            BLOCK_M=TILE_M, BLOCK_K=BLOCK,
+        )  # fmt: skip
+        return out
     _grouped_gemm_nt_kernel[grid](
-        a.data.contiguous(), a.scale_inv.contiguous(), w.data, w.scale_inv, out, groups.offsets, groups.tiles,
+        a_codes, a_scales, w.data, w.scale_inv, out, groups.offsets, groups.tiles,
         groups.tile_groups, num_experts, m_total, n, k, kb, nb,
         BLOCK_M=TILE_M, BLOCK_K=BLOCK, EVEN_K=k % BLOCK == 0,
     )  # fmt: skip
