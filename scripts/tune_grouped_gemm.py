@@ -4,7 +4,8 @@ ceiling. One process, CUDA events, medians; every config's output is compared bi
 
     python scripts/tune_grouped_gemm.py [--shapes ep1-fc1,ep1-fc2,ep8-fc1] [--iters 30]
 
-fprop/dgrad run the shipped kernel body (`_grouped_gemm_nt_kernel.fn`, i.e. without its autotuner) at each config;
+fprop/dgrad run the shipped kernel body (`_grouped_gemm_nt_tma_kernel.fn` on Hopper, else `_grouped_gemm_nt_kernel.fn`,
+i.e. without its autotuner) at each config;
 wgrad runs `_grouped_wgrad_body` on precomputed scaling-aware transposes (GEMM only; the transposes are timed by
 bench_grouped_gemm.py). The dense ceiling is bench_grouped_gemm.py's (`torch._scaled_mm` of the same total size).
 Prints one table per GEMM; a config that fails to compile (shared memory) is listed with its error.
@@ -65,18 +66,22 @@ def main(argv=None) -> int:
                 n, k = shape.n, shape.k
 
                 def launch(cfg, a, a_s, b, b_s):
+                    tma = gg._wgrad_tma_ok(True, a, b)
+                    if tma:
+                        gg._ensure_scratch_allocator()
                     out = torch.empty(shape.experts, n, k, dtype=torch.bfloat16, device="cuda")
                     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, BLOCK), shape.experts)
                     gg._grouped_wgrad_body[grid](
                         a, a_s, b, b_s, out, out, groups.offsets, groups.tiles, n, k,
                         BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=True, OUT_TABLE=False, OUT_ALIGNED_16=False,
-                        ACCUMULATE=False, **cfg,
+                        ACCUMULATE=False, TMA=tma, **cfg,
                     )  # fmt: skip
                     return out
 
                 configs = CONFIGS_WGRAD
-                ref_out = launch(gg._WGRAD_OUT_CONFIG, *sets[0])
-                shipped = str(gg._WGRAD_OUT_CONFIG)
+                out_config = gg._wgrad_out_config(shape.m_total, shape.experts, gg._wgrad_tma_ok(True, *sets[0][::2]))
+                ref_out = launch(out_config, *sets[0])
+                shipped = str(out_config)
             else:
                 w = p.stack if gemm == "fprop" else p.stack_t
                 key = "x_q" if gemm == "fprop" else "dy_q"
@@ -84,9 +89,20 @@ def main(argv=None) -> int:
                 m_total, k = shape.m_total, w.data.shape[2]
                 n = w.data.shape[1]
 
-                def launch(cfg, a, w=w, n=n, k=k, m_total=m_total):
+                tma = gg._tma_ok(sets[0][0].data, w.data)
+
+                def launch(cfg, a, w=w, n=n, k=k, m_total=m_total, tma=tma):
                     out = torch.empty(m_total, n, dtype=torch.bfloat16, device="cuda")
                     grid = (triton.cdiv(n, cfg["BLOCK_N"]), groups.max_tiles)
+                    if tma:  # the shipped Hopper form: the same body at each config, descriptors boxed to match
+                        a_desc = gg.TensorDescriptor.from_tensor(a.data, [gg.TILE_M, BLOCK])
+                        b_desc = gg.TensorDescriptor.from_tensor(w.data.view(-1, k), [cfg["BLOCK_N"], BLOCK])
+                        gg._grouped_gemm_nt_tma_kernel.fn[grid](
+                            a_desc, a.scale_inv, b_desc, w.scale_inv, out, groups.offsets, groups.tiles,
+                            groups.tile_groups, shape.experts, m_total, n, k, ceil_div(k, BLOCK), ceil_div(n, BLOCK),
+                            BLOCK_M=gg.TILE_M, BLOCK_K=BLOCK, **cfg,
+                        )  # fmt: skip
+                        return out
                     gg._grouped_gemm_nt_kernel.fn[grid](
                         a.data, a.scale_inv, w.data, w.scale_inv, out, groups.offsets, groups.tiles,
                         groups.tile_groups, shape.experts, m_total, n, k, ceil_div(k, BLOCK), ceil_div(n, BLOCK),
@@ -94,9 +110,10 @@ def main(argv=None) -> int:
                     )  # fmt: skip
                     return out
 
-                configs = CONFIGS_NT
+                configs = [c for c in CONFIGS_NT if c["BLOCK_N"] <= BLOCK] if tma else CONFIGS_NT
                 ref_out = ours_fn(*ours_sets[0])
-                best = getattr(gg._grouped_gemm_nt_kernel, "best_config", None)
+                kernel = gg._grouped_gemm_nt_tma_kernel if tma else gg._grouped_gemm_nt_kernel
+                best = getattr(kernel, "best_config", None)
                 shipped = str(best) if best is not None else "?"
             ours_us = bk.time_us(ours_fn, ours_sets, args.warmup, args.iters)
             lines.append(f"\n{gemm} {shape.label()}: ceiling {flops / ceil_us / 1e6:,.0f} TFLOP/s; shipped "

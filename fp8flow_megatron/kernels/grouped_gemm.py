@@ -179,7 +179,7 @@ def _grouped_wgrad_body(
     g_ptr, g_scale_ptr, x_ptr, x_scale_ptr, c_ptr, out_ptrs, offsets_ptr, tiles_ptr,
     N, K,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, ROWS_ALIGNED_16: tl.constexpr,
-    OUT_TABLE: tl.constexpr, OUT_ALIGNED_16: tl.constexpr, ACCUMULATE: tl.constexpr,
+    OUT_TABLE: tl.constexpr, OUT_ALIGNED_16: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     # g_ptr / x_ptr: the scaling-aware transposes in the compact layout -- split e is [N, m_e] (resp. [K, m_e]) at
     # row offset offsets[e], its scales [N, ceil(m_e/128)] at block offset tiles[e] (both read from device memory).
@@ -202,20 +202,42 @@ def _grouped_wgrad_body(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask_k = offs_k < K
-    offs_m = tl.arange(0, BLOCK_M)
-    g_rows = g_ptr + N * m0 + offs_n[:, None] * me
-    x_rows = x_ptr + K * m0 + offs_k[:, None] * me
     gs_rows = g_scale_ptr + N * blk0 + offs_n * nb
     xs_rows = x_scale_ptr + K * blk0 + offs_k * nb
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for b in range(0, nb):
-        m = b * BLOCK_M + offs_m
-        mask_m = m < me
-        g = tl.load(g_rows + m[None, :], mask=mask_n[:, None] & mask_m[None, :], other=0.0)
-        x = tl.load(x_rows + m[None, :], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        sg = tl.load(gs_rows + b, mask=mask_n, other=0.0)
-        sx = tl.load(xs_rows + b, mask=mask_k, other=0.0)
-        acc += tl.dot(g, tl.trans(x)) * sg[:, None] * sx[None, :]
+    if TMA:
+        # Hopper: expert e's two operands read through TMA descriptors made here on the device, [N, m_e] and
+        # [K, m_e] at its row offset (the host allows this only with ROWS_ALIGNED_16, so bases and the row stride m_e
+        # are 16-byte multiples, and installs Triton's scratch allocator for the descriptors). Boxes past N, K or m_e
+        # are zero-filled, as the pointer form's masked loads give: the same tl.dot per 128-row block and the same
+        # promotion, so the outputs are bit-identical (tested). GEMM alone at 64/4/3 (BENCHMARKS.md, 2026-12-03):
+        # 698 vs 601 TFLOP/s at ep1-fc1, even (524 vs 527) at ep8-fc1, where 4 stages reach 607.
+        if me > 0:
+            me32 = me.to(tl.int32)
+            g_desc = tl.make_tensor_descriptor(
+                g_ptr + N * m0, shape=[N, me32], strides=[me32, 1], block_shape=[BLOCK_N, BLOCK_M]
+            )
+            x_desc = tl.make_tensor_descriptor(
+                x_ptr + K * m0, shape=[K, me32], strides=[me32, 1], block_shape=[BLOCK_K, BLOCK_M]
+            )
+            for b in range(0, nb.to(tl.int32)):
+                g = g_desc.load([pid_n * BLOCK_N, b * BLOCK_M])
+                x = x_desc.load([pid_k * BLOCK_K, b * BLOCK_M])
+                sg = tl.load(gs_rows + b, mask=mask_n, other=0.0)
+                sx = tl.load(xs_rows + b, mask=mask_k, other=0.0)
+                acc += tl.dot(g, tl.trans(x)) * sg[:, None] * sx[None, :]
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        g_rows = g_ptr + N * m0 + offs_n[:, None] * me
+        x_rows = x_ptr + K * m0 + offs_k[:, None] * me
+        for b in range(0, nb):
+            m = b * BLOCK_M + offs_m
+            mask_m = m < me
+            g = tl.load(g_rows + m[None, :], mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+            x = tl.load(x_rows + m[None, :], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+            sg = tl.load(gs_rows + b, mask=mask_n, other=0.0)
+            sx = tl.load(xs_rows + b, mask=mask_k, other=0.0)
+            acc += tl.dot(g, tl.trans(x)) * sg[:, None] * sx[None, :]
     if OUT_TABLE:
         # expert e's output is its own tensor anywhere in memory (megatron's main_grad: views into the DDP grad buffer)
         c_base = tl.load(out_ptrs + expert).to(c_ptr.dtype)
@@ -235,10 +257,19 @@ def _grouped_wgrad_body(
 # Autotuned for the one-tensor output only: the autotuner times each config by running the kernel on the real
 # arguments, which would add the gradient into the out= buffers once per trial. The out= path (main_grad
 # accumulation, what training runs) launches the body with the config that won the sweep at every measured shape.
-_grouped_wgrad_kernel = _autotune(_configs(["BLOCK_N"], _WGRAD_CONFIGS), key=["N", "K", "ROWS_ALIGNED_16"])(
+_grouped_wgrad_kernel = _autotune(_configs(["BLOCK_N"], _WGRAD_CONFIGS), key=["N", "K", "ROWS_ALIGNED_16", "TMA"])(
     _grouped_wgrad_body
 )
 _WGRAD_OUT_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+# Long per-expert reductions (EP=8's 12,288 rows) keep a 4th TMA stage busy: 607 vs 524 TFLOP/s at ep8-fc1, while
+# at ep1-fc1's 1,536 rows 4 stages lose (600 vs 698). The split sits between the two measured shapes.
+_WGRAD_OUT_DEEP_ROWS = 4096
+
+
+def _wgrad_out_config(num_rows: int, num_experts: int, tma: bool) -> dict:
+    if tma and num_rows >= _WGRAD_OUT_DEEP_ROWS * num_experts:
+        return dict(_WGRAD_OUT_CONFIG, num_stages=4)
+    return _WGRAD_OUT_CONFIG
 
 
 def _stack(b: Union[Fp8BlockwiseStack, Sequence[Fp8Blockwise]]) -> Fp8BlockwiseStack:
@@ -261,6 +292,29 @@ def _tma_ok(a_codes: torch.Tensor, w_codes: torch.Tensor) -> bool:
         and a_codes.shape[0] < 2**31
         and w_codes.shape[0] * w_codes.shape[1] < 2**31
     )
+
+
+def _wgrad_tma_ok(rows_aligned: bool, *codes: torch.Tensor) -> bool:
+    """Whether the wgrad can read its transposed operands through device-made TMA descriptors: Hopper or newer, a
+    Triton with tl.make_tensor_descriptor, every expert's rows a multiple of 16 (16-byte row strides and bases) and
+    16-byte aligned buffers. Otherwise the pointer form runs (same bits)."""
+    if not rows_aligned or not hasattr(tl, "make_tensor_descriptor") or _capability(codes[0].device) < 9:
+        return False
+    return all(c.data_ptr() % 16 == 0 for c in codes)
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    # Device-made descriptors live in a global scratch buffer that Triton asks its allocator for at launch (128
+    # bytes per program). The allocator is a context variable: unset in each new thread (autograd's backward thread
+    # included), so this runs before every such launch. One the user installed is kept.
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 _CAPABILITY = {}
@@ -372,7 +426,11 @@ def fp8_varlen_gemm_nt_triton(
     return _gemm(a, w, groups, out_dtype)
 
 
-def _wgrad(g_q: Fp8Blockwise, x_q: Fp8Blockwise, groups: RowGroups, out_dtype, out, accumulate, op: str):
+def _wgrad(
+    g_q: Fp8Blockwise, x_q: Fp8Blockwise, groups: RowGroups, out_dtype, out, accumulate, op: str,
+    tma: Optional[bool] = None,
+):  # fmt: skip
+    """tma: None picks the TMA form where _wgrad_tma_ok allows it; True / False force a form (tests compare the two)."""
     from .transpose import scaling_aware_transpose_buffers_grouped
 
     n, k = g_q.data.shape[1], x_q.data.shape[1]
@@ -397,6 +455,12 @@ def _wgrad(g_q: Fp8Blockwise, x_q: Fp8Blockwise, groups: RowGroups, out_dtype, o
     x_codes, x_scales, _ = scaling_aware_transpose_buffers_grouped(x_q, groups, "compact")
     args = (g_codes.view(g_q.data.dtype), g_scales, x_codes.view(x_q.data.dtype), x_scales)
     rows_aligned = groups.align % 16 == 0
+    if tma is None:
+        tma = _wgrad_tma_ok(rows_aligned, g_codes, x_codes)
+    elif tma and not rows_aligned:
+        raise ValueError(f"{op}: the TMA form needs every expert's rows to be a multiple of 16 (RowGroups.align)")
+    if tma:
+        _ensure_scratch_allocator()
 
     if out is None:
 
@@ -406,17 +470,18 @@ def _wgrad(g_q: Fp8Blockwise, x_q: Fp8Blockwise, groups: RowGroups, out_dtype, o
         _grouped_wgrad_kernel[grid](
             *args, result, result, groups.offsets, groups.tiles, n, k,
             BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
-            OUT_TABLE=False, OUT_ALIGNED_16=False, ACCUMULATE=False,
+            OUT_TABLE=False, OUT_ALIGNED_16=False, ACCUMULATE=False, TMA=tma,
         )  # fmt: skip
         return result
     addresses = [o.data_ptr() for o in out]
     out_ptrs = cached_int64_table(addresses, g_q.data.device)  # main_grad addresses: made once, reused
-    grid = (triton.cdiv(n, _WGRAD_OUT_CONFIG["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
+    config = _wgrad_out_config(g_q.data.shape[0], num_experts, tma)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(k, BLOCK), num_experts)
     _grouped_wgrad_body[grid](
         *args, out[0], out_ptrs, groups.offsets, groups.tiles, n, k,
         BLOCK_K=BLOCK, BLOCK_M=BLOCK, ROWS_ALIGNED_16=rows_aligned,
         OUT_TABLE=True, OUT_ALIGNED_16=all(a % 16 == 0 for a in addresses), ACCUMULATE=bool(accumulate),
-        **_WGRAD_OUT_CONFIG,
+        TMA=tma, **config,
     )  # fmt: skip
     return out
 

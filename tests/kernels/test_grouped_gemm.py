@@ -81,6 +81,42 @@ def test_tma_form_is_bit_identical_to_pointer_form(m_splits, n, k):
             assert torch.equal(y_tma.view(torch.int8), y_ptr.view(torch.int8)), (m_splits, n, k, out_dtype)
 
 
+@pytest.mark.parametrize("n,k", [(256, 384), (200, 320), (2816, 2048), (136, 1408)])
+@pytest.mark.parametrize("m_splits", SPLITS + [[8192, 0, 4112]])  # the last: >= 4096 rows per expert, 4 stages
+def test_wgrad_tma_form_is_bit_identical_to_pointer_form(m_splits, n, k):
+    # the TMA form reads whole [BLOCK, 128] boxes of each expert's transposed operands through descriptors made on
+    # the device (zero-filled past N, K and the expert's rows); the pointer form masks every load. Both must give the
+    # same bits: the one-tensor output and the out= / accumulate path, fp32 and bf16. Row counts that are not
+    # multiples of 16 keep the pointer form, and forcing the TMA form there is an error.
+    from fp8flow_megatron.kernels import grouped_gemm as gg
+    from fp8flow_megatron.numerics.groups import RowGroups
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper")
+    if n == 2816 and max(m_splits) > 256:
+        pytest.skip("large shape once")
+    x, dy, _ = _problem(m_splits, n, k, seed=sum(m_splits) + n + 3)
+    groups = RowGroups.from_splits(m_splits, "cuda")
+    if groups.align % 16:
+        with pytest.raises(ValueError, match="multiple of 16"):
+            gg._wgrad(dy, x, groups, torch.float32, None, False, "wgrad", tma=True)
+        return
+    for out_dtype in (torch.float32, torch.bfloat16):
+        dw_tma = gg._wgrad(dy, x, groups, out_dtype, None, False, "wgrad", tma=True)
+        dw_ptr = gg._wgrad(dy, x, groups, out_dtype, None, False, "wgrad", tma=False)
+        assert torch.equal(dw_tma.view(torch.int8), dw_ptr.view(torch.int8)), (m_splits, n, k, out_dtype)
+        g = torch.Generator().manual_seed(n)
+        before = [(torch.randn(n, k, generator=g) * 0.05).to(out_dtype).cuda() for _ in m_splits]
+        for accumulate in (False, True):
+            outs = []
+            for tma in (True, False):
+                out = [b.clone() for b in before]
+                gg._wgrad(dy, x, groups, out_dtype, out, accumulate, "wgrad", tma=tma)
+                outs.append(out)
+            for e in range(len(m_splits)):
+                assert torch.equal(outs[0][e].view(torch.int8), outs[1][e].view(torch.int8)), (e, accumulate)
+
+
 @pytest.mark.parametrize("n,k", [(256, 384), (200, 320)])
 @pytest.mark.parametrize("m_splits", SPLITS)
 def test_grouped_wgrad_matches_twin(m_splits, n, k):
