@@ -137,12 +137,14 @@ def routing_rows_static(
     """
     t, e = routing_map.shape
     device = routing_map.device
-    taken = routing_map.to(torch.int64)
-    counts = taken.sum(dim=0)
+    # [E, T]: each expert's tokens contiguous, so the scan below runs along the innermost dim. torch's scan over the
+    # outer dim of [T, E] keeps only E columns in flight and took 2.8 ms at T = 16,384, E = 64 on an H200.
+    taken_t = routing_map.t().contiguous().to(torch.int32)
+    counts = taken_t.sum(dim=1, dtype=torch.int64)
     padded = (counts + (align - 1)) // align * align
     pad_start = torch.cumsum(padded, 0) - padded
     # expert-major, tokens ascending within an expert (megatron's permute order): rank of (t, e) among e's tokens
-    rank = torch.cumsum(taken, dim=0) - 1
+    rank = (torch.cumsum(taken_t, dim=1, dtype=torch.int64) - 1).t().contiguous()
     dst_rows = torch.where(routing_map, pad_start.unsqueeze(0) + rank, torch.full_like(rank, -1))
     # scatter into num_rows + 1 slots: unrouted pairs all land in the last one, which is then cut off
     target = torch.where(routing_map, dst_rows, torch.full_like(dst_rows, num_rows)).reshape(-1)
