@@ -31,6 +31,7 @@ parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
 model_parallel_cuda_manual_seed(0); torch.manual_seed(0)
 class A: pass
 args = A()
+args.ep = 1  # bench_moe_layer.build_layer reads the expert-parallel size
 x = torch.randn(4096, 4, 2048, device="cuda", dtype=torch.bfloat16)
 g = torch.randn(4096, 4, 2048, device="cuda", dtype=torch.bfloat16) * 1e-2
 for variant in sys.argv[1].split(","):
