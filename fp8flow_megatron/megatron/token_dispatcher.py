@@ -32,7 +32,7 @@ import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from ..numerics.groups import max_padded_rows
-from ..numerics.permute import chunk_sort_pad_maps, routing_rows, routing_rows_static
+from ..numerics.permute import chunk_sort_pad_maps, compact_dst_rows, routing_rows, routing_rows_static
 from ..ops import dispatch as ops
 from .config import GEMM_ALIGN
 
@@ -88,6 +88,8 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self.cuda_sync_point = self.cuda_dtoh_point
             self.tokens_per_expert = self._maybe_dtoh_and_synchronize(self.cuda_dtoh_point, self.tokens_per_expert)
             src_rows, prob_src, dst_rows, padded = routing_rows(routing_map, self.align if self._direct else 1)
+        # [T, E] -> [T, topk]: both unpermutes (the combine, the permute's backward) loop over a token's slots
+        dst_rows = compact_dst_rows(dst_rows, self.config.moe_router_topk)
         self._src1, self._dst1 = src_rows, dst_rows
         self._padded_counts = padded
         self.hidden_shape_before_permute = hidden_states.shape

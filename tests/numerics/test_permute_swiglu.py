@@ -9,6 +9,7 @@ from fp8flow_megatron.numerics import dequantize, quantize_1x128
 from fp8flow_megatron.numerics.permute import (
     chunk_sort_pad_maps,
     chunk_sort_pad_rows,
+    compact_dst_rows,
     permute_pad_rows,
     routing_rows,
     unpermute_unpad_rows,
@@ -54,6 +55,36 @@ def test_permute_matches_megatron_and_pads(t, e, k, hot):
     got = unpermute_unpad_rows(y, dst16)
     ref = unpermute(y[~pad], sorted_idx, restore_shape=x.shape, routing_map=rm)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,e,k,drop", [(0, 4, 2, 0.0), (1, 4, 2, 0.0), (37, 8, 2, 0.0), (64, 8, 1, 0.0), (300, 64, 6, 0.0),
+                                         (300, 64, 6, 0.3), (50, 6, 6, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_dst_rows_keeps_rows_in_order_and_unpermute_bits(t, e, k, drop, dtype):
+    # drop: some routed pairs removed (a token with fewer than topk rows, as after token dropping)
+    rm, _ = _routing(t, e, k, seed=t + e)
+    if drop:
+        rm &= torch.rand(t, e, generator=torch.Generator().manual_seed(1)) >= drop
+    src, _, dst, _ = routing_rows(rm, align=16)
+    compact = compact_dst_rows(dst, k)
+    assert compact.shape == (t, min(k, e)) and compact.dtype == torch.int64 and compact.is_contiguous()
+    # independent reference: each token's valid rows in expert order, then -1
+    for tok in range(t):
+        rows = [int(r) for r in dst[tok] if r >= 0]
+        assert compact[tok].tolist() == rows + [-1] * (compact.shape[1] - len(rows))
+    y = torch.randn(len(src), 384).to(dtype)
+    y[:, :7] = -0.0  # signed zeros: the -1 slots must not turn a -0 sum into +0 (the sum starts at +0 either way)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16  # torch.equal alone would take -0 == +0
+    assert torch.equal(unpermute_unpad_rows(y, compact).view(bits), unpermute_unpad_rows(y, dst).view(bits))
+
+
+def test_compact_dst_rows_refuses_more_rows_than_slots():
+    rm, _ = _routing(16, 8, 3)
+    _, _, dst, _ = routing_rows(rm, align=1)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        compact_dst_rows(dst, 2)  # 3 rows per token into 2 slots: an error, never a dropped row
+    with pytest.raises(ValueError, match="num_slots must be >= 1"):
+        compact_dst_rows(dst, 0)
 
 
 def test_chunk_sort_pad_rows_orders_by_expert_then_rank():
