@@ -1,5 +1,6 @@
 """Helpers for CPU tests that build megatron-core modules: gloo process groups, configs, stock vs FP8-Flow MoE layers."""
 
+import io
 import queue
 import socket
 import traceback
@@ -115,13 +116,17 @@ def spawn(fn, world_size: int, *args, mp_context=None):
     errors = [r for r in results if r[0] == "error"]
     if errors:
         raise AssertionError(f"rank {errors[0][1]} failed:\n{errors[0][2]}")
-    return {r[1]: r[2] for r in results}
+    return {r[1]: torch.load(io.BytesIO(r[2]), weights_only=False) for r in results}
 
 
 def _worker(fn, rank, world_size, port, q, args):
     try:
         out = fn(rank, world_size, port, *args)
-        q.put(("ok", rank, out))
+        # as bytes: a tensor put on the queue as itself travels as a file descriptor the parent fetches from this
+        # process later, which fails ("Connection reset by peer") when this process has exited by then
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        q.put(("ok", rank, buf.getvalue()))
     except BaseException:
         q.put(("error", rank, traceback.format_exc()))
     finally:
