@@ -150,7 +150,7 @@ def _grouped_gemm_nt_tma_kernel(
     # past N into the next expert's rows: those rows / columns only feed outputs that the masked store drops (every
     # output row depends on its own A row only). Past the tensor's edges (K tail, last rows) TMA fills zeros, which is
     # what the pointer form's masked loads give. Same tl.dot per 128-K block and the same promotion, so the outputs
-    # are bit-identical to the pointer form's (tested); 1.3-1.4x faster at the V2-Lite shapes (BENCHMARKS.md).
+    # are bit-identical to the pointer form's (tested); 1.2-1.4x faster at the V2-Lite shapes (BENCHMARKS.md).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     expert, row0, row_end, k_blocks = _nt_tile(
