@@ -306,6 +306,8 @@ def test_sync_free_dispatch_equals_host_count_path(megatron_ep1, clean_guard, ca
             assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), n
     tokens = seq * 2
     assert d._src1.numel() == tokens * 2 + num_experts * 15  # the worst-case buffer, not the exact padded size
+    # the unpermutes get each token's rows in topk slots, not one slot per expert (E loop iterations per token)
+    assert d._dst1.shape == (tokens, 2) and int((d._dst1 >= 0).sum()) == int(d.routing_map.sum())
     assert torch.is_tensor(d._padded_counts) and int(d._padded_counts.sum()) <= d._src1.numel()
     if case == "empty_experts":
         assert int((d.routing_map.sum(0) == 0).sum()) >= 1
